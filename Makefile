@@ -1,0 +1,38 @@
+# Set-up is idempotent: every target brings the machine to the state it needs and no further.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+FMNIST := /usr/share/datasets/fashion-mnist
+export FLWR_HOME ?= $(CURDIR)/.flwr
+export FLWR_TELEMETRY_ENABLED = 0
+export FLWR_DISABLE_UPDATE_CHECK = 1
+export RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO = 0
+export MPLBACKEND = Agg
+
+.PHONY: setup data demo test clean-runs
+
+setup: $(VENV)/.installed data
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist where apt can be used; otherwise say how.
+data:
+	@if [ -f $(FMNIST)/train-images-idx3-ubyte.gz ]; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	else \
+		echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist', or put the four IDX" \
+		     "files (train-images-idx3-ubyte.gz, ...) in a folder and pass --set data-dir=FOLDER"; \
+	fi
+
+demo: setup
+	$(VENV)/bin/fedcmd run experiments/demo.toml --out runs/demo/fedavg-seed0
+
+test: setup
+	$(PY) -m pytest -q
+
+clean-runs:
+	rm -rf runs

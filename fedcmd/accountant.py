@@ -1,0 +1,133 @@
+"""Volume accountant: every message a strategy sends or receives, counted per round, client,
+direction and category, in values, float32-equivalents, raw bytes and serialised bytes.
+
+Categories are the keys of the records in a message's RecordDict: a strategy puts the dense model
+values under `weights`, CMD reference values under `references`, (a, b, mode) under
+`coefficients`, and so on. Everything that is not one of these array records (config, metrics,
+the message envelope) is `metadata`.
+
+Serialised bytes are what Flower 1.41 transmits: a message travels as a tree of inflatable
+objects (Message, RecordDict, records, Arrays, ArrayChunks), each a header plus a body; the sum of
+their deflated sizes is the payload of the gRPC calls that carry the message.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from dataclasses import astuple, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ArrayRecord, Message
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+CATEGORIES = ("weights", "buffers", "references", "coefficients", "indices", "masks")
+METADATA = "metadata"
+DIRECTIONS = ("up", "down")
+
+
+@dataclass(frozen=True)
+class VolumeRow:
+    round: int
+    client: int
+    direction: str
+    category: str
+    values: int
+    floats: float
+    raw_bytes: int
+    wire_bytes: int
+
+
+def wire_size(obj) -> int:
+    """Bytes of an inflatable object (Message, record, Array) as Flower serialises it."""
+    return sum(len(o.deflate()) for o in get_all_nested_objects(obj).values())
+
+
+class VolumeAccountant:
+    """Rows of measured traffic, with totals per round and per run."""
+
+    def __init__(self) -> None:
+        self.rows: list[VolumeRow] = []
+
+    def record(self, server_round: int, client: int, direction: str, category: str, *,
+               values: int, raw_bytes: int, wire_bytes: int) -> None:
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+        if category not in CATEGORIES and category != METADATA:
+            raise ValueError(f"unknown volume category {category!r}")
+        self.rows.append(VolumeRow(int(server_round), int(client), direction, category, int(values),
+                                   raw_bytes / 4.0 if category != METADATA else 0.0,
+                                   int(raw_bytes), int(wire_bytes)))
+
+    def record_message(self, server_round: int, client: int, direction: str, message: Message) -> int:
+        """Count one message; returns its serialised size in bytes."""
+        total = wire_size(message)
+        counted = 0
+        if message.has_content():
+            for key, record in message.content.items():
+                if key not in CATEGORIES or not isinstance(record, ArrayRecord):
+                    continue
+                arrays = [array.numpy() for array in record.values()]
+                size = wire_size(record)
+                counted += size
+                self.record(server_round, client, direction, key,
+                            values=sum(a.size for a in arrays),
+                            raw_bytes=sum(a.nbytes for a in arrays), wire_bytes=size)
+        # Metadata has no model payload: its cost is only its serialised size.
+        self.record(server_round, client, direction, METADATA, values=0, raw_bytes=0, wire_bytes=total - counted)
+        return total
+
+    def totals(self, by: tuple[str, ...] = ()) -> dict[tuple, dict[str, float]]:
+        """Sums of values, floats, raw and wire bytes, grouped by the named row fields."""
+        out: dict[tuple, dict[str, float]] = defaultdict(lambda: dict(values=0, floats=0.0, raw_bytes=0, wire_bytes=0))
+        for row in self.rows:
+            acc = out[tuple(getattr(row, name) for name in by)]
+            acc["values"] += row.values
+            acc["floats"] += row.floats
+            acc["raw_bytes"] += row.raw_bytes
+            acc["wire_bytes"] += row.wire_bytes
+        return dict(out)
+
+    def direction_totals(self) -> dict[str, float]:
+        """floats_up, floats_down, bytes_up, bytes_down (serialised), raw_bytes_up, raw_bytes_down."""
+        t = self.totals(("direction",))
+        zero = dict(values=0, floats=0.0, raw_bytes=0, wire_bytes=0)
+        up, down = t.get(("up",), zero), t.get(("down",), zero)
+        return dict(floats_up=up["floats"], floats_down=down["floats"],
+                    bytes_up=up["wire_bytes"], bytes_down=down["wire_bytes"],
+                    raw_bytes_up=up["raw_bytes"], raw_bytes_down=down["raw_bytes"])
+
+    def round_totals(self) -> dict[int, dict[str, float]]:
+        return {key[0]: value for key, value in sorted(self.totals(("round",)).items())}
+
+    def write_csv(self, path: str | Path) -> None:
+        with open(path, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow([f.name for f in fields(VolumeRow)])
+            writer.writerows(astuple(row) for row in self.rows)
+
+    @classmethod
+    def read_csv(cls, path: str | Path) -> "VolumeAccountant":
+        acc = cls()
+        with open(path, newline="") as fh:
+            for rec in csv.DictReader(fh):
+                acc.rows.append(VolumeRow(int(rec["round"]), int(rec["client"]), rec["direction"], rec["category"],
+                                          int(rec["values"]), float(rec["floats"]), int(rec["raw_bytes"]),
+                                          int(rec["wire_bytes"])))
+        return acc
+
+    def state(self) -> dict[str, np.ndarray]:
+        """The rows as column arrays, for checkpoints."""
+        cols = list(zip(*(astuple(r) for r in self.rows))) if self.rows else [[] for _ in fields(VolumeRow)]
+        return {f.name: np.asarray(col) for f, col in zip(fields(VolumeRow), cols)}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        names = [f.name for f in fields(VolumeRow)]
+        self.rows = [VolumeRow(int(r), int(c), str(d), str(k), int(v), float(f), int(rb), int(wb))
+                     for r, c, d, k, v, f, rb, wb in zip(*(state[n] for n in names))]
+
+
+def fedavg_floats(model_floats: int, cohort_sizes: list[int]) -> float:
+    """Floats FedAvg moves with the same cohorts: the full model down to and up from each client."""
+    return float(2 * model_floats * sum(cohort_sizes))

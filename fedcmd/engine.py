@@ -1,0 +1,160 @@
+"""Engines that carry a run's messages: Flower's simulation engine (Ray), or fedcmd's in-process grid.
+
+Both execute the same ServerApp logic (`fedcmd.server.run_experiment`) and the same ClientApp
+(`fedcmd.client_app.app`). The in-process grid calls the ClientApp directly, one persistent
+Context per node, with every message and reply round-tripped through Flower's protobuf
+serialisation; it exists for tests and quick runs. Real runs use Ray (`run_ray`) or a deployment.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import traceback
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Callable
+from uuid import uuid4
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.serde import message_from_proto, message_to_proto
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore.task_identity import TaskIdentity
+
+log = logging.getLogger("fedcmd")
+
+FailureRule = Callable[[int, int, str], bool]
+"""(server round, partition id, message type) -> True if that client drops this message."""
+
+
+def _wire(message: Message) -> Message:
+    return message_from_proto(message_to_proto(message))
+
+
+class LocalGrid(Grid):
+    """A Grid whose nodes are ClientApp calls in this process.
+
+    `fail(round, partition, message_type)` injects failures: a failing client never replies,
+    as when a node vanishes mid-round. `offline` holds partitions whose nodes are down (absent from
+    `get_node_ids`), and `restart(partition)` brings one back under a new node id with an empty
+    state, as a restarted SuperNode would.
+    """
+
+    def __init__(self, client_app, num_nodes: int, *, fail: FailureRule | None = None, run_id: int = 1) -> None:
+        self.client_app = client_app
+        self.fail = fail
+        self._run_id = run_id
+        self.contexts: dict[int, Context] = {}
+        self.offline: set[int] = set()
+        self._next_node = 1000
+        for pid in range(num_nodes):
+            self._add_node(pid)
+        TaskIdentity.task_id = 1
+        TaskIdentity.run_id = run_id
+        TaskIdentity.node_id = 0
+
+    def _add_node(self, pid: int) -> int:
+        self._next_node += 1
+        self.contexts[self._next_node] = Context(run_id=self._run_id, node_id=self._next_node,
+                                                 node_config={"partition-id": pid, "num-partitions": 0},
+                                                 state=RecordDict(), run_config={})
+        return self._next_node
+
+    def node_of(self, pid: int) -> int:
+        return next(n for n, c in self.contexts.items() if c.node_config["partition-id"] == pid)
+
+    def restart(self, pid: int) -> int:
+        del self.contexts[self.node_of(pid)]
+        self.offline.discard(pid)
+        return self._add_node(pid)
+
+    # --- Grid API -------------------------------------------------------------------------------
+    def set_run(self, run) -> None:
+        raise NotImplementedError("LocalGrid has a fixed run")
+
+    @property
+    def run(self):
+        raise NotImplementedError("LocalGrid has no Run object")
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return [n for n, c in self.contexts.items() if c.node_config["partition-id"] not in self.offline]
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        raise NotImplementedError("use send_and_receive")
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        raise NotImplementedError("use send_and_receive")
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        replies = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = str(uuid4())
+            context = self.contexts.get(msg.metadata.dst_node_id)
+            if context is None:
+                continue
+            pid = int(context.node_config["partition-id"])
+            group = msg.metadata.group_id
+            server_round = int(group) if group.isdigit() else 0
+            if pid in self.offline or (self.fail and self.fail(server_round, pid, msg.metadata.message_type)):
+                continue
+            received = _wire(msg)
+            try:
+                reply = self.client_app(received, context)
+            except Exception as err:  # Flower turns a client exception into an error reply, so do we
+                log.debug("client %d raised: %s", pid, traceback.format_exc())
+                reply = Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=received)
+            reply.metadata.__dict__["_message_id"] = str(uuid4())
+            replies.append(_wire(reply))
+        return replies
+
+
+def run_inprocess(config: dict[str, Any], out_dir: str | Path, *, progress: bool = True,
+                  grid: LocalGrid | None = None) -> dict:
+    """Run `config` with the in-process grid; returns the summary."""
+    from fedcmd.client_app import app as client_app
+    from fedcmd.server import run_experiment
+
+    grid = grid or LocalGrid(client_app, config["num-clients"])
+    return run_experiment(grid, config, out_dir, progress=progress)
+
+
+def _ray_env() -> None:
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def run_ray(config: dict[str, Any], out_dir: str | Path, *, progress: bool = True,
+            cpus_per_client: float = 1.0) -> dict:
+    """Run `config` on Flower's simulation engine (Ray); returns the summary."""
+    import json
+
+    from flwr.simulation import run_simulation
+
+    from fedcmd.client_app import app as client_app
+    from fedcmd.server import run_server_app
+
+    _ray_env()
+    server_app = ServerApp()
+    errors: list[BaseException] = []
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            run_server_app(grid, config, out_dir, progress=progress)
+        except BaseException as err:  # keep it: run_simulation only logs the server thread's failure
+            errors.append(err)
+            raise
+
+    backend_config = {"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
+                      "init_args": {"num_cpus": os.cpu_count(), "include_dashboard": False,
+                                    "logging_level": "error", "log_to_driver": True}}
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=config["num-clients"],
+                   backend_config=backend_config)
+    if errors:
+        raise errors[0]
+    return json.loads((Path(out_dir) / "summary.json").read_text())

@@ -1,0 +1,53 @@
+import subprocess
+import sys
+
+import pytest
+
+from fedcmd.config import DEFAULTS, ConfigError, load_config, resolve, to_toml
+
+
+def test_defaults_resolve_and_round_trip(tmp_path):
+    config = resolve({})
+    assert config == DEFAULTS
+    path = tmp_path / "c.toml"
+    path.write_text(to_toml(config))
+    assert load_config(path) == config
+
+
+def test_overrides_parse_toml_values(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('num-server-rounds = 5\nstrategy = "fedavg"\n')
+    config = load_config(path, ["lr=0.1", "partition=dirichlet", "download=true", "momentum=0"])
+    assert config["num-server-rounds"] == 5 and config["lr"] == 0.1
+    assert config["partition"] == "dirichlet" and config["download"] is True and config["momentum"] == 0.0
+
+
+@pytest.mark.parametrize("values, key", [
+    ({"num-rounds": 3}, "num-rounds"),
+    ({"lr": "fast"}, "lr"),
+    ({"num-clients": 0}, "num-clients"),
+    ({"fraction-train": 1.5}, "fraction-train"),
+    ({"strategy": "fedsgd"}, "strategy"),
+    ({"num-clients": 2.5}, "num-clients"),
+])
+def test_bad_values_name_the_key(values, key):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        resolve(values)
+
+
+def test_nested_table_and_missing_file_are_errors(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[train]\nlr = 0.1\n")
+    with pytest.raises(ConfigError, match="top-level"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_cli_bad_config_exits_nonzero_naming_the_key(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("num-server-round = 3\n")
+    proc = subprocess.run([sys.executable, "-m", "fedcmd.cli", "run", str(path), "--engine", "inprocess"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "num-server-round" in proc.stderr
