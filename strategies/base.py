@@ -176,7 +176,8 @@ class FedcmdStrategy(Strategy):
             self.accountant.record_message(server_round, pid, "up", reply)
             try:
                 if reply.has_error():
-                    raise ReplyError(f"client error: {reply.error.reason}")
+                    reason = reply.error.reason
+                    raise ReplyError("client error: " + (reason[:300] + " ..." if len(reason) > 300 else reason))
                 update = self.parse_reply(server_round, pid, reply.content)
                 metrics = reply.content.get("metrics")
                 if not isinstance(metrics, MetricRecord) or not metrics.get("num-examples", 0) > 0:
