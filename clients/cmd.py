@@ -81,7 +81,7 @@ class CoefficientStore:
             if self.reference_index.size and not np.array_equal(reference_index, self.reference_index):
                 raise StoreVersionError("coefficient delta carries reference indices that differ from the store's")
             self.reference_index = reference_index
-        if to_version == self.version:
+        if not events:
             return
         if not self.reference_index.size:
             raise StoreVersionError("coefficient delta carries events but this client never received the references")

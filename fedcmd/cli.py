@@ -1,4 +1,6 @@
-"""The `fedcmd` command: `fedcmd run CONFIG.toml [--set key=value ...] [--out DIR] [--engine ray|inprocess]`."""
+"""The `fedcmd` command: `fedcmd run CONFIG.toml [--set key=value ...] [--out DIR] [--engine ray|inprocess]`
+`fedcmd compare RUN_DIR ... [--baseline fedavg] [--out DIR]` and
+`fedcmd deploy CONFIG.toml --out DIR [--set key=value ...] [--tls] [--auth]`."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
+from fedcmd.checkpoint import CheckpointError
 from fedcmd.config import ConfigError, load_config
 from fedcmd.data import DatasetNotFoundError
 
@@ -22,16 +25,39 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.engine == "ray":
         from fedcmd.engine import run_ray
 
-        run_ray(config, out)
+        run_ray(config, out, resume=args.resume)
     else:
         from fedcmd.engine import run_inprocess
 
-        run_inprocess(config, out)
+        run_inprocess(config, out, resume=args.resume)
     print(f"[fedcmd] outputs in {out}/ (summary.json, metrics.csv, volume.csv, partitions.csv, run.png)")
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from fedcmd.compare import CompareError, compare
+
+    try:
+        print(compare(args.runs, baseline=args.baseline, out=args.out))
+    except CompareError as err:
+        print(f"fedcmd compare: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from fedcmd.deploy import DeploymentError, run_from_args
+
+    try:
+        return run_from_args(args)
+    except DeploymentError as err:
+        print(f"fedcmd deploy: error: {err}", file=sys.stderr)
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from fedcmd.deploy import add_run_arguments
+
     parser = argparse.ArgumentParser(prog="fedcmd", description="Communication-efficient federated learning with CMD")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one experiment")
@@ -40,7 +66,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="output folder (default runs/<config>/<strategy>-seed<k>)")
     run.add_argument("--engine", choices=("ray", "inprocess"), default="ray",
                      help="ray: Flower's simulation engine (default); inprocess: same code, no Ray")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run from the checkpoint in its output folder (same config; "
+                          "num-server-rounds and round-timeout may change)")
     run.set_defaults(func=cmd_run)
+    compare = sub.add_parser("compare", help="table and plots comparing finished runs, by method over seeds")
+    compare.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                         help="a run folder (<method>-seed<k>/) or a folder holding run folders")
+    compare.add_argument("--baseline", default="fedavg", help="method the volume ratios refer to (default fedavg)")
+    compare.add_argument("--out", help="where comparison.md and the plots go (default: the runs' common parent)")
+    compare.set_defaults(func=cmd_compare)
+    deploy = sub.add_parser("deploy", help="run one experiment on a local deployment: a SuperLink and one "
+                                           "SuperNode per partition on 127.0.0.1, stopped afterwards")
+    add_run_arguments(deploy)
+    deploy.set_defaults(func=cmd_deploy)
     return parser
 
 
@@ -49,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DatasetNotFoundError) as err:
+    except (ConfigError, DatasetNotFoundError, CheckpointError) as err:
         print(f"fedcmd: error: {err}", file=sys.stderr)
         return 2
 

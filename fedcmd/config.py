@@ -69,9 +69,10 @@ SCHEMA: dict[str, tuple[type, Any, Callable[[Any], bool] | None, str]] = {
     "cmd-embedded-training": (str, "snap", _one_of(("snap", "frozen")), "one of snap, frozen"),
     # APF / A-APF (strategies/apf.py)
     "apf-threshold": (float, 0.05, _positive, "positive"),
-    "apf-alpha": (float, 0.99, _fraction, "in (0, 1]"),
+    "apf-alpha": (float, 0.99, lambda v: 0 < v < 1, "in (0, 1)"),
     "apf-check-every": (int, 1, _positive, "a positive integer"),
     "apf-tighten-at": (float, 0.8, _fraction, "in (0, 1]"),
+    "apf-random-freeze-periods": (int, 1, _positive, "a positive integer"),  # A-APF's random freeze length
 }
 
 DEFAULTS: dict[str, Any] = {key: spec[1] for key, spec in SCHEMA.items()}

@@ -112,13 +112,13 @@ class LocalGrid(Grid):
 
 
 def run_inprocess(config: dict[str, Any], out_dir: str | Path, *, progress: bool = True,
-                  grid: LocalGrid | None = None) -> dict:
+                  grid: LocalGrid | None = None, resume: bool = False) -> dict:
     """Run `config` with the in-process grid; returns the summary."""
     from fedcmd.client_app import app as client_app
     from fedcmd.server import run_experiment
 
     grid = grid or LocalGrid(client_app, config["num-clients"])
-    return run_experiment(grid, config, out_dir, progress=progress)
+    return run_experiment(grid, config, out_dir, progress=progress, resume=resume)
 
 
 def _ray_env() -> None:
@@ -129,7 +129,7 @@ def _ray_env() -> None:
 
 
 def run_ray(config: dict[str, Any], out_dir: str | Path, *, progress: bool = True,
-            cpus_per_client: float = 1.0) -> dict:
+            cpus_per_client: float = 1.0, resume: bool = False) -> dict:
     """Run `config` on Flower's simulation engine (Ray); returns the summary."""
     import json
 
@@ -145,7 +145,7 @@ def run_ray(config: dict[str, Any], out_dir: str | Path, *, progress: bool = Tru
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            run_server_app(grid, config, out_dir, progress=progress)
+            run_server_app(grid, config, out_dir, progress=progress, resume=resume)
         except BaseException as err:  # keep it: run_simulation only logs the server thread's failure
             errors.append(err)
             raise

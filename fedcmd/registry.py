@@ -9,6 +9,8 @@ from typing import Any, Callable
 ALGORITHMS: dict[str, tuple[str, str]] = {
     "fedavg": ("strategies.fedavg:FedAvg", "clients.fedavg:train"),
     "cmd": ("strategies.cmd:CMD", "clients.cmd:train"),
+    "apf": ("strategies.apf:APF", "clients.apf:train"),
+    "a-apf": ("strategies.apf:AggressiveAPF", "clients.apf:train"),
 }
 
 

@@ -21,6 +21,7 @@ from flwr.serverapp import Grid
 
 from fedcmd import task
 from fedcmd.accountant import VolumeAccountant, fedavg_floats
+from fedcmd.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedcmd.config import to_toml
 from fedcmd.data import partition_report, write_partition_report
 from fedcmd.registry import strategy_class
@@ -80,8 +81,13 @@ class CentralEvaluator:
         return evaluate(self.model, self.x, self.y)
 
 
-def run_experiment(grid: Grid, config: dict[str, Any], out_dir: str | Path, *, progress: bool = True) -> dict:
-    """Run `config` over `grid`, write every output into `out_dir`, return the summary."""
+def run_experiment(grid: Grid, config: dict[str, Any], out_dir: str | Path, *, progress: bool = True,
+                   resume: bool = False) -> dict:
+    """Run `config` over `grid`, write every output into `out_dir`, return the summary.
+
+    A checkpoint is written to `out_dir` after every round; `resume=True` continues from it (see
+    `fedcmd.checkpoint`) and ends with the outputs an uninterrupted run would have written.
+    """
     started = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -90,16 +96,26 @@ def run_experiment(grid: Grid, config: dict[str, Any], out_dir: str | Path, *, p
     parts = task.partitions(config)
     write_partition_report(partition_report(data.train_y.numpy(), parts, data.num_classes), out / "partitions.csv")
 
-    strategy = make_strategy(config)
-    evaluator = CentralEvaluator(config)
-    loss, acc = evaluator(strategy.weights, strategy.buffers)
-    metrics = [dict(round=0, accuracy=acc, loss=loss, train_loss=float("nan"), sampled=0, accepted=0,
-                    rejected=0, mb_cumulative=0.0, round_seconds=0.0, strategy_seconds=0.0)]
-    if progress:
-        print(f"[fedcmd] {config['strategy']} on {data}, {strategy.weights.size} parameters; "
-              f"round 0: accuracy {acc:.4f}", flush=True)
+    if resume:
+        evaluator = CentralEvaluator(config)
+        checkpoint = load_checkpoint(out, config)  # restores the RNG states: after anything that draws
+        strategy, metrics, spent = checkpoint.strategy, checkpoint.metrics, checkpoint.wall_seconds
+        first_round = checkpoint.server_round + 1
+        if progress:
+            print(f"[fedcmd] {config['strategy']} on {data}: resuming after round {checkpoint.server_round} "
+                  f"(accuracy {metrics[-1]['accuracy']:.4f})", flush=True)
+    else:
+        strategy = make_strategy(config)
+        evaluator = CentralEvaluator(config)
+        loss, acc = evaluator(strategy.weights, strategy.buffers)
+        metrics = [dict(round=0, accuracy=acc, loss=loss, train_loss=float("nan"), sampled=0, accepted=0,
+                        rejected=0, mb_cumulative=0.0, round_seconds=0.0, strategy_seconds=0.0)]
+        spent, first_round = 0.0, 1
+        if progress:
+            print(f"[fedcmd] {config['strategy']} on {data}, {strategy.weights.size} parameters; "
+                  f"round 0: accuracy {acc:.4f}", flush=True)
     timeout = config["round-timeout"]
-    for rnd in range(1, config["num-server-rounds"] + 1):
+    for rnd in range(first_round, config["num-server-rounds"] + 1):
         t0 = time.perf_counter()
         discover_nodes(grid, strategy, rnd, timeout)
         t1 = time.perf_counter()
@@ -121,16 +137,18 @@ def run_experiment(grid: Grid, config: dict[str, Any], out_dir: str | Path, *, p
             print(f"[fedcmd] round {rnd}/{config['num-server-rounds']}: accuracy {acc:.4f}, "
                   f"{len(round_log.accepted)}/{len(round_log.sampled)} replies, {mb:.2f} MB so far, "
                   f"{metrics[-1]['round_seconds']:.1f} s", flush=True)
+        save_checkpoint(out, Checkpoint(config, rnd, strategy, metrics, spent + time.perf_counter() - started))
 
     cohorts = [len(strategy.rounds[r].sampled) for r in range(1, config["num-server-rounds"] + 1)]
     reference = fedavg_floats(strategy.weights.size + strategy.buffers.size, cohorts)
-    summary = write_run_outputs(out, config, strategy, metrics, reference, time.perf_counter() - started)
+    summary = write_run_outputs(out, config, strategy, metrics, reference, spent + time.perf_counter() - started)
     if progress:
         print(json.dumps(summary, indent=2), flush=True)
     return summary
 
 
-def run_server_app(grid: Grid, config: dict[str, Any], out_dir: str | Path, progress: bool = True) -> dict:
+def run_server_app(grid: Grid, config: dict[str, Any], out_dir: str | Path, progress: bool = True,
+                   resume: bool = False) -> dict:
     """Entry used by ServerApps: the server thread gets its own, bounded, share of the cores."""
     torch.set_num_threads(1)
-    return run_experiment(grid, config, out_dir, progress=progress)
+    return run_experiment(grid, config, out_dir, progress=progress, resume=resume)

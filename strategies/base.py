@@ -135,9 +135,11 @@ class FedcmdStrategy(Strategy):
         self.partition_of[node_id] = partition_id
 
     def forget_node(self, node_id: int) -> None:
+        """A node left: whatever comes back for its partition may have lost its state."""
         partition_id = self.partition_of.pop(node_id, None)
         if partition_id is not None and self.node_of.get(partition_id) == node_id:
             del self.node_of[partition_id]
+            self.on_node_changed(partition_id)
 
     def client_config(self, server_round: int) -> ConfigRecord:
         values = {key: self.config[key] for key in CLIENT_KEYS}

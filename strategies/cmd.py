@@ -182,7 +182,7 @@ class CMD(FedcmdStrategy):
         return weights, references, read_buffers(content, self.buffers.size), held
 
     def on_reply_accepted(self, server_round: int, partition_id: int, update: Any) -> None:
-        self.acked[partition_id] = update[1][3]
+        self.acked[partition_id] = update[3]
 
     def on_node_changed(self, partition_id: int) -> None:
         # A node that reconnects under a new id may have lost its state: resend it everything.

@@ -1,0 +1,118 @@
+"""APF / A-APF client: bring the synchronised model up to date, train with frozen scalars held.
+
+The node's `context.state` keeps the last synchronised model (all N weights, float32), its model
+version (the round whose global model it is; -1: none), and the active mask (packed bits) with its
+version. A train message says how to reach the server's current global model (see
+`strategies/apf.py`): `full` replaces the model; `derived` writes the values at the positions of
+the mask this client holds; `explicit` writes them at the positions of the `masks/changed` bit
+mask. Then `masks/active`, when present, replaces the mask. Any inconsistency between what the
+message assumes and what this client holds raises `SyncError` (the server then resends everything)
+rather than training on a wrong model.
+
+Frozen scalars are held at their synchronised value after every local step; only active values
+go back.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, MetricRecord, RecordDict
+
+from clients.common import hold_fixed, local_model, train_locally
+from fedcmd import task
+from strategies.base import read_vector, vector_record
+from strategies.fedavg import read_buffers
+
+STATE_KEY = "apf-sync"
+
+
+class SyncError(ValueError):
+    """A train message that does not apply to the model this client holds."""
+
+
+class SyncedModel:
+    """What a client holds between rounds: the last synchronised model and the active mask."""
+
+    def __init__(self, n_params: int) -> None:
+        self.n_params = n_params
+        self.weights: np.ndarray | None = None
+        self.model_version = -1
+        self.active = np.ones(n_params, dtype=bool)  # mask version 0: nothing frozen yet
+        self.mask_version = 0
+
+    @classmethod
+    def load(cls, context: Context, n_params: int) -> "SyncedModel":
+        synced = cls(n_params)
+        record = context.state.get(STATE_KEY)
+        if isinstance(record, ArrayRecord):
+            synced.weights = record["weights"].numpy()
+            synced.model_version, synced.mask_version = (int(v) for v in record["versions"].numpy())
+            synced.active = np.unpackbits(record["active"].numpy(), count=n_params).astype(bool)
+        return synced
+
+    def save(self, context: Context) -> None:
+        context.state[STATE_KEY] = ArrayRecord({
+            "weights": Array(self.weights),
+            "versions": Array(np.array([self.model_version, self.mask_version], dtype=np.int64)),
+            "active": Array(np.packbits(self.active)),
+        })
+
+    def _positions(self, content: RecordDict, kind: str, head) -> np.ndarray:
+        if self.weights is None:
+            raise SyncError(f"'{kind}' catch-up from model version {head['from-version']}, "
+                            "but this client holds no synchronised model")
+        if not head["from-version"] <= self.model_version <= head["model-version"]:
+            raise SyncError(f"'{kind}' catch-up covers model versions {head['from-version']}.."
+                            f"{head['model-version']}, but this client holds version {self.model_version}")
+        if kind == "derived":
+            if self.mask_version != head["base-mask-version"]:
+                raise SyncError(f"'derived' catch-up assumes mask version {head['base-mask-version']}, "
+                                f"but this client holds version {self.mask_version}")
+            return np.flatnonzero(self.active)
+        if kind == "explicit":
+            return np.flatnonzero(np.unpackbits(content["masks"]["changed"].numpy(), count=self.n_params))
+        raise SyncError(f"unknown catch-up kind {kind!r}")
+
+    def _next_mask(self, content: RecordDict, mask_version: int) -> np.ndarray:
+        if "masks" in content and "active" in content["masks"]:
+            return np.unpackbits(content["masks"]["active"].numpy(), count=self.n_params).astype(bool)
+        if mask_version == 0:
+            return np.ones(self.n_params, dtype=bool)
+        if mask_version != self.mask_version:
+            raise SyncError(f"message assumes mask version {mask_version} without sending it, "
+                            f"but this client holds version {self.mask_version}")
+        return self.active
+
+    def apply(self, content: RecordDict) -> None:
+        """Bring model and mask to the versions the message states; on SyncError nothing changes."""
+        head = content["apf"]
+        kind = str(head["catch-up"])
+        index = None if kind == "full" else self._positions(content, kind, head)
+        values = read_vector(content, "weights", self.n_params if index is None else index.size)
+        active = self._next_mask(content, int(head["mask-version"]))
+        if index is None:
+            self.weights = values.copy()
+        else:
+            self.weights[index] = values
+        self.active = active
+        self.model_version, self.mask_version = int(head["model-version"]), int(head["mask-version"])
+
+
+def train(content: RecordDict, context: Context, config: Mapping[str, Any], partition_id: int) -> RecordDict:
+    weight_layout, buffer_layout = task.layouts(config)
+    synced = SyncedModel.load(context, weight_layout.numel)
+    synced.apply(content)
+    synced.save(context)
+    buffers = read_buffers(content, buffer_layout.numel)
+    frozen = np.flatnonzero(~synced.active)
+    model, _, _ = local_model(config)
+    hook = hold_fixed(weight_layout, model, frozen, synced.weights[frozen])
+    trained, buffers, metrics = train_locally(config, partition_id, synced.weights, buffers, step_hook=hook)
+    reply = RecordDict({"weights": vector_record(trained[synced.active])})
+    if buffers.size:
+        reply["buffers"] = vector_record(buffers)
+    reply["metrics"] = MetricRecord({**metrics, "model-version": synced.model_version,
+                                     "mask-version": synced.mask_version})
+    return reply

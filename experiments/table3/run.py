@@ -1,0 +1,81 @@
+"""Table 3 (FedAvg, CMD, APF, A-APF over seeds), then `fedcmd compare`: one command.
+
+    nice -n 10 python experiments/table3/run.py                     # Fashion-MNIST / LeNet-5, seeds 0 1 2
+    python experiments/table3/run.py --variant cifar10 --engine ray # CIFAR-10 / ResNet-18 (data + GPU)
+    python experiments/table3/run.py --methods fedavg apf --seeds 0 --set num-server-rounds=5 --out /tmp/t3
+
+Each run's config is `<variant>/base.toml` overlaid with `<variant>/<method>.toml`, the seed and any
+`--set key=value`; it runs in its own process (`fedcmd run`) into `<out>/<method>-seed<k>/`, and a run
+whose summary.json exists is skipped (so an interrupted table resumes; `--force` reruns). Table and
+plots go to `<out>/comparison.md` and `<out>/*.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+METHODS = ("fedavg", "cmd", "apf", "a-apf")
+
+
+def merged_config(variant: str, method: str, seed: int) -> dict:
+    values = tomllib.loads((HERE / variant / "base.toml").read_text())
+    values.update(tomllib.loads((HERE / variant / f"{method}.toml").read_text()))
+    values["seed"] = seed
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--variant", default="fmnist", choices=sorted(p.name for p in HERE.iterdir() if p.is_dir()))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--engine", choices=("inprocess", "ray"), default="inprocess",
+                        help="inprocess (default): same strategy and client code, no Ray; ray: Flower's simulation")
+    parser.add_argument("--out", help="results folder (default experiments/results/table3, "
+                                      "or experiments/results/table3-<variant> for other variants)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key in every run (repeatable)")
+    parser.add_argument("--force", action="store_true", help="rerun runs that already have a summary.json")
+    args = parser.parse_args(argv)
+
+    default_out = "table3" if args.variant == "fmnist" else f"table3-{args.variant}"
+    out = Path(args.out) if args.out else REPO / "experiments" / "results" / default_out
+    configs = out / "configs"
+    configs.mkdir(parents=True, exist_ok=True)
+    from fedcmd.config import load_config, to_toml
+
+    plan = []  # every config is written and validated before the first run starts
+    for method in args.methods:
+        for seed in args.seeds:
+            name = f"{method}-seed{seed}"
+            path = configs / f"{name}.toml"
+            path.write_text(to_toml(merged_config(args.variant, method, seed)))
+            path.write_text(to_toml(load_config(path, args.set)))
+            plan.append((name, path))
+    for name, path in plan:
+        run_dir = out / name
+        if (run_dir / "summary.json").is_file() and not args.force:
+            print(f"[table3] {name}: done already, skipped ({run_dir}/summary.json)", flush=True)
+            continue
+        command = [sys.executable, "-m", "fedcmd.cli", "run", str(path), "--out", str(run_dir), "--engine", args.engine]
+        print(f"[table3] {name}: {' '.join(command)}", flush=True)
+        if subprocess.run(command, cwd=REPO).returncode != 0:
+            print(f"[table3] {name} failed; stopping (finished runs are kept, rerun to resume)", file=sys.stderr)
+            return 1
+    from fedcmd.compare import compare
+
+    runs = [out / name for name, _ in plan]
+    if "fedavg" not in args.methods:  # compare with the baseline runs already in `out`
+        runs += [out / f"fedavg-seed{seed}" for seed in args.seeds if (out / f"fedavg-seed{seed}").is_dir()]
+    print(compare(runs, baseline="fedavg", out=out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

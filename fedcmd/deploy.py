@@ -1,0 +1,497 @@
+"""Deploy a fedcmd run on this machine: a SuperLink, N SuperNodes and `flwr run`, all on loopback.
+
+    python -m fedcmd.deploy run CONFIG.toml --out DIR [--set key=value ...] [--tls] [--auth]
+    python -m fedcmd.deploy credentials DIR --nodes N
+
+`run` starts a SuperLink and one SuperNode per partition (`--node-config "partition-id=K
+num-partitions=N"`, N = num-clients), submits the fedcmd app with the experiment config as its run config, waits for
+the run's outputs in DIR, and stops every process it started, by PID, whatever happens. What it
+leaves in DIR/deploy/: the logs of every process (superlink.log, supernode-K.log, flwr-run.log), the
+generated app folder and the run config, the Flower home (FLWR_HOME) and, with --tls/--auth, the
+credentials it made.
+
+Decisions:
+- Ports are picked free at start; everything binds 127.0.0.1. Runtime dependency installation is
+  off (the venv has everything), telemetry and update checks are off, FLWR_HOME is DIR/deploy/flwr-home
+  so a deployment never touches ~/.flwr or another deployment's state.
+- Flower fuses `--run-config` with the app's `[tool.flwr.app.config]` and refuses keys that table lacks,
+  so the app is submitted from a generated folder (DIR/deploy/app) whose pyproject.toml declares every
+  fedcmd config key (with its default) plus `out-dir`; the code in it is a copy of this checkout's
+  packages. The run config is the resolved experiment config, the same dict a simulation runs.
+- `--tls` gives the SuperLink a certificate for IP:127.0.0.1 signed by a CA made for the deployment;
+  nodes and the `flwr` CLI verify it. `--auth` (implies --tls) turns on SuperNode authentication:
+  each node gets an ECDSA P-384 key in SSH format whose public half is registered with
+  `flwr supernode register` before the node starts; a node with any other key is refused.
+- Credentials are made with the `cryptography` package (a Flower dependency): no openssl needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import ipaddress
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from fedcmd.config import DEFAULTS, ConfigError, load_config, to_toml
+
+LOOPBACK = "127.0.0.1"
+CONNECTION = "fedcmd-local"
+PROJECT = Path(__file__).resolve().parents[1]
+APP_PACKAGES = ("fedcmd", "strategies", "clients")
+ROUND_LINE = re.compile(r"\[fedcmd\] round (\d+)/(\d+)")
+
+
+class DeploymentError(RuntimeError):
+    """A deployment step failed; the message says which and points at the log to read."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        return sock.getsockname()[1]
+
+
+def flower_bin(name: str) -> str:
+    """A Flower console script of this interpreter's environment."""
+    path = Path(sys.executable).parent / name
+    if not path.exists():
+        raise DeploymentError(f"{name} not found next to {sys.executable}: is flwr installed in this environment?")
+    return str(path)
+
+
+# ----- credentials -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Credentials:
+    folder: Path
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.folder / "ca.crt"
+
+    @property
+    def server_cert(self) -> Path:
+        return self.folder / "server.pem"
+
+    @property
+    def server_key(self) -> Path:
+        return self.folder / "server.key"
+
+    def node_key(self, name: str | int) -> Path:
+        """Private key of node `name` (OpenSSH format); the public key is the same path + `.pub`."""
+        return self.folder / f"node-{name}"
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    path.write_bytes(data)
+    path.chmod(0o600)
+
+
+def make_node_key(path: Path) -> Path:
+    """An ECDSA P-384 key pair in SSH format at `path` and `path.pub` (kept if present)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    if not path.exists():
+        key = ec.generate_private_key(ec.SECP384R1())
+        _write_private(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                               serialization.NoEncryption()))
+        path.with_name(path.name + ".pub").write_bytes(
+            key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n")
+    return path
+
+
+def make_credentials(folder: str | Path, num_nodes: int, *, days: int = 30) -> Credentials:
+    """A CA, a server certificate for IP:127.0.0.1 (and DNS:localhost) and `num_nodes` node keys.
+
+    Files already in `folder` are kept, so a deployment can be restarted with the same identities.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    creds = Credentials(Path(folder))
+    creds.folder.mkdir(parents=True, exist_ok=True)
+    if not (creds.ca_cert.exists() and creds.server_cert.exists() and creds.server_key.exists()):
+        now = datetime.datetime.now(datetime.timezone.utc)
+        ca_key = ec.generate_private_key(ec.SECP384R1())
+        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedcmd deployment CA")])
+        ca_cert = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+                   .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=days))
+                   .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                   .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
+                                                data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                                crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+                   .sign(ca_key, hashes.SHA384()))
+        server_key = ec.generate_private_key(ec.SECP384R1())
+        server_cert = (x509.CertificateBuilder()
+                       .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, LOOPBACK)]))
+                       .issuer_name(ca_name).public_key(server_key.public_key())
+                       .serial_number(x509.random_serial_number())
+                       .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=days))
+                       .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(LOOPBACK)),
+                                                                   x509.DNSName("localhost")]), critical=False)
+                       .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                       .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+                       .sign(ca_key, hashes.SHA384()))
+        creds.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+        creds.server_cert.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
+        _write_private(creds.server_key, server_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    for k in range(num_nodes):
+        make_node_key(creds.node_key(k))
+    return creds
+
+
+# ----- the app as Flower receives it -------------------------------------------------------------
+def write_app(folder: Path) -> Path:
+    """A copy of the fedcmd app whose pyproject.toml declares every config key, plus `out-dir`."""
+    import tomli_w
+
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    for package in APP_PACKAGES:
+        for source in (PROJECT / package).glob("*.py"):
+            (folder / package).mkdir(exist_ok=True)
+            shutil.copy2(source, folder / package / source.name)
+    project = tomllib.loads((PROJECT / "pyproject.toml").read_text())
+    app = project["tool"]["flwr"]["app"]
+    app["config"] = {**DEFAULTS, "out-dir": ""}
+    pyproject = {"build-system": project["build-system"], "project": project["project"],
+                 "tool": {"flwr": {"app": app}}}
+    pyproject["project"].pop("readme", None)  # the README is not part of the app
+    (folder / "pyproject.toml").write_text(tomli_w.dumps(pyproject))
+    return folder
+
+
+def write_run_config(path: Path, config: dict[str, Any], out: Path) -> Path:
+    """The experiment config as a `--run-config` TOML file, with the output folder."""
+    path.write_text(to_toml(config) + to_toml({"out-dir": str(out.resolve())}))
+    return path
+
+
+# ----- processes ---------------------------------------------------------------------------------
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+class Deployment:
+    """A SuperLink and SuperNodes on loopback, started here and stopped here, by PID.
+
+    Use as a context manager: leaving it (normally or by an exception) stops every process it
+    started, SuperNodes first, each with its process group (the ClientApp/ServerApp processes
+    Flower spawns for them), SIGTERM then SIGKILL.
+    """
+
+    def __init__(self, folder: str | Path, num_nodes: int, *, tls: bool = False, auth: bool = False,
+                 credentials: Credentials | None = None) -> None:
+        self.folder = Path(folder).resolve()
+        self.num_nodes = num_nodes
+        self.tls = tls or auth
+        self.auth = auth
+        self.home = self.folder / "flwr-home"
+        self.credentials = credentials
+        self.port = 0
+        self.superlink: subprocess.Popen | None = None
+        self.nodes: dict[int, subprocess.Popen] = {}
+        self._extra: list[subprocess.Popen] = []
+        self._logs: list = []
+        self._sigterm = None
+
+    # ----- environment ---------------------------------------------------------------------
+    @property
+    def address(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(FLWR_HOME=str(self.home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
+                   PYTHONUNBUFFERED="1", PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
+        return env
+
+    def _write_connection(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]",
+                 f'address = "{self.address}"']
+        lines += [f'root-certificates = "{self.credentials.ca_cert}"'] if self.tls else ["insecure = true"]
+        (self.home / "config.toml").write_text("\n".join(lines) + "\n")
+
+    def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen:
+        log = open(self.folder / log_name, "ab")
+        self._logs.append(log)
+        # A new session: the process and what it spawns form one group, stopped together by its PID.
+        return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env(), cwd=self.folder,
+                                start_new_session=True)
+
+    def flwr(self, *args: str, timeout: float = 120) -> dict[str, Any]:
+        """Run a `flwr` CLI command (with `--format json`) against this deployment; returns its JSON."""
+        done = subprocess.run([flower_bin("flwr"), *args, "--format", "json"], capture_output=True, text=True,
+                              env=self.env(), cwd=self.folder, timeout=timeout)
+        try:
+            answer, _ = json.JSONDecoder().raw_decode(done.stdout[done.stdout.index("{"):])
+        except ValueError:
+            answer = {}
+        if not answer.get("success"):
+            raise DeploymentError(f"flwr {' '.join(args)} failed: {done.stdout}{done.stderr}".strip())
+        return answer
+
+    # ----- starting --------------------------------------------------------------------------
+    def start(self, *, wait_seconds: float = 90) -> "Deployment":
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if self.tls and self.credentials is None:
+            self.credentials = make_credentials(self.folder / "credentials", self.num_nodes)
+        self.port = free_port()
+        self._write_connection()
+        args = [flower_bin("flower-superlink"), "--disable-runtime-dependency-installation",
+                "--host", LOOPBACK, "--port", str(self.port), "--database", ":flwr-in-memory:"]
+        if self.tls:
+            args += ["--ssl-ca-certfile", str(self.credentials.ca_cert),
+                     "--ssl-certfile", str(self.credentials.server_cert),
+                     "--ssl-keyfile", str(self.credentials.server_key)]
+        else:
+            args += ["--insecure"]
+        if self.auth:
+            args += ["--enable-supernode-auth"]
+        self.superlink = self._spawn(args, "superlink.log")
+        self._wait_for_port(self.port, self.superlink, "superlink.log", wait_seconds)
+        if self.auth:
+            for k in range(self.num_nodes):
+                self.register(self.credentials.node_key(k))
+        for k in range(self.num_nodes):
+            self.start_node(k)
+        self.wait_for_nodes(self.num_nodes, wait_seconds)
+        return self
+
+    def _wait_for_port(self, port: int, proc: subprocess.Popen, log_name: str, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise DeploymentError(f"process exited with code {proc.returncode}; see {self.folder / log_name}")
+            with socket.socket() as sock:
+                if sock.connect_ex((LOOPBACK, port)) == 0:
+                    return
+            time.sleep(0.2)
+        raise DeploymentError(f"nothing listens on {LOOPBACK}:{port} after {seconds} s; see {self.folder / log_name}")
+
+    def register(self, node_key: Path) -> int:
+        """Register a node's public key with the SuperLink; returns the node id it will have."""
+        return int(self.flwr("supernode", "register", str(node_key.with_name(node_key.name + ".pub")),
+                             CONNECTION)["node-id"])
+
+    def node_args(self, partition_id: int, *, key: Path | None = None) -> list[str]:
+        args = [flower_bin("flower-supernode"), "--superlink", self.address, "--port", str(free_port()),
+                "--node-config", f"partition-id={partition_id} num-partitions={self.num_nodes}"]
+        args += ["--root-certificates", str(self.credentials.ca_cert)] if self.tls else ["--insecure"]
+        if self.auth:
+            args += ["--auth-supernode-private-key", str(key or self.credentials.node_key(partition_id))]
+        return args
+
+    def start_node(self, partition_id: int) -> subprocess.Popen:
+        """Start (or restart) the SuperNode holding partition `partition_id`."""
+        if partition_id in self.nodes and self.nodes[partition_id].poll() is None:
+            raise DeploymentError(f"the SuperNode of partition {partition_id} is already running")
+        self.nodes[partition_id] = self._spawn(self.node_args(partition_id), f"supernode-{partition_id}.log")
+        return self.nodes[partition_id]
+
+    def start_foreign_node(self, key: Path, partition_id: int = 0, log_name: str = "supernode-foreign.log"
+                           ) -> subprocess.Popen:
+        """A SuperNode with a key of its own choosing (e.g. one nobody registered)."""
+        proc = self._spawn(self.node_args(partition_id, key=key), log_name)
+        self._extra.append(proc)
+        return proc
+
+    def node_list(self) -> list[dict[str, Any]]:
+        return self.flwr("supernode", "list", CONNECTION)["nodes"]
+
+    def wait_for_nodes(self, count: int, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while True:
+            online = [n for n in self.node_list() if n.get("status") == "online"]
+            if len(online) >= count:
+                return
+            dead = [k for k, p in self.nodes.items() if p.poll() is not None]
+            if dead or time.monotonic() > deadline:
+                raise DeploymentError(f"{len(online)}/{count} SuperNodes online"
+                                      + (f"; SuperNode {dead[0]} exited, see supernode-{dead[0]}.log" if dead else
+                                         f" after {seconds} s") + f" (logs in {self.folder})")
+            time.sleep(1.0)
+
+    # ----- stopping --------------------------------------------------------------------------
+    @staticmethod
+    def _stop(procs: list[subprocess.Popen], grace: float = 10.0, sig: int = signal.SIGTERM) -> None:
+        """Signal each process's group, wait up to `grace` seconds for all, then SIGKILL what is left
+        of each group (a ClientApp process mid-round may outlive its SuperNode)."""
+        for proc in procs:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, sig)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + grace
+        for proc in procs:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            if proc.poll() is None:
+                proc.wait(5)
+
+    def kill_node(self, partition_id: int) -> None:
+        """Kill the SuperNode of a partition at once (SIGKILL), as a crash would."""
+        self._stop([self.nodes[partition_id]], grace=5.0, sig=signal.SIGKILL)
+
+    def stop(self) -> None:
+        """Stop the nodes (all at once), then the SuperLink."""
+        self._stop(self._extra + list(self.nodes.values()))
+        if self.superlink is not None:
+            self._stop([self.superlink])
+        for log in self._logs:
+            log.close()
+        self._logs.clear()
+
+    def __enter__(self) -> "Deployment":
+        # SIGTERM would end this process without unwinding, leaving the (new-session) servers running.
+        if threading.current_thread() is threading.main_thread():
+            self._sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.stop()
+        finally:
+            if self._sigterm is not None:
+                signal.signal(signal.SIGTERM, self._sigterm)
+                self._sigterm = None
+
+    # ----- running -----------------------------------------------------------------------------
+    def run(self, config: dict[str, Any], out: str | Path, *, timeout: float = 1800,
+            on_round: Callable[[int], None] | None = None) -> dict[str, Any]:
+        """Submit `config` as a run, wait until it ends, return its summary.
+
+        `on_round(r)` is called (from a reader thread) when the ServerApp reports round r done.
+        """
+        out = Path(out).resolve()
+        app = write_app(self.folder / "app")
+        run_config = write_run_config(self.folder / "run-config.toml", config, out)
+        summary_path = out / "summary.json"
+        if summary_path.exists():
+            summary_path.unlink()  # so that a stale summary is never taken for this run's
+        args = [flower_bin("flwr"), "run", str(app), CONNECTION, "--run-config", str(run_config), "--stream"]
+        log_path = self.folder / "flwr-run.log"
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.env(),
+                                cwd=self.folder, start_new_session=True)
+        errors: list[BaseException] = []
+
+        def follow() -> None:
+            with open(log_path, "ab") as log:
+                for line in iter(proc.stdout.readline, b""):
+                    log.write(line)
+                    log.flush()
+                    match = ROUND_LINE.search(line.decode(errors="replace"))
+                    if match and on_round is not None:
+                        try:
+                            on_round(int(match.group(1)))
+                        except BaseException as err:  # report it from the main thread
+                            errors.append(err)
+
+        reader = threading.Thread(target=follow, daemon=True)
+        reader.start()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise DeploymentError(f"the run did not end within {timeout} s; see {log_path}") from None
+        finally:
+            self._stop([proc], grace=5.0)
+            reader.join(10)
+        if errors:
+            raise errors[0]
+        if not summary_path.exists():
+            raise DeploymentError(f"the run ended without writing {summary_path}; see {log_path} and "
+                                  f"{self.folder / 'superlink.log'}")
+        self.record_run_details(log_path)
+        return json.loads(summary_path.read_text())
+
+    def record_run_details(self, log_path: Path) -> dict[str, Any] | None:
+        """The SuperLink's record of the run (status, network traffic it counted, compute time), saved
+        to superlink-run.json: an independent measure of the bytes the accountant counts."""
+        started = re.search(r"Successfully started run (\d+)", log_path.read_text(errors="replace"))
+        if not started:
+            return None
+        runs = self.flwr("ls", CONNECTION, "--run-id", started.group(1))["runs"]
+        (self.folder / "superlink-run.json").write_text(json.dumps(runs[0], indent=2) + "\n")
+        return runs[0]
+
+
+def deploy(config: dict[str, Any], out: str | Path, *, tls: bool = False, auth: bool = False,
+           timeout: float = 1800) -> dict[str, Any]:
+    """Start a deployment for `config`, run it, stop everything; returns the run's summary."""
+    out = Path(out)
+    with Deployment(out / "deploy", config["num-clients"], tls=tls, auth=auth) as deployment:
+        deployment.start()
+        return deployment.run(config, out, timeout=timeout)
+
+
+# ----- command line -------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m fedcmd.deploy", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run one experiment on a local deployment (SuperLink + SuperNodes)")
+    add_run_arguments(run)
+    creds = sub.add_parser("credentials", help="make a CA, a server certificate for 127.0.0.1 and node keys")
+    creds.add_argument("folder")
+    creds.add_argument("--nodes", type=int, required=True, help="number of node key pairs")
+    return parser
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="TOML config (flat kebab-case keys), as for `fedcmd run`")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    parser.add_argument("--out", required=True, help="output folder: the run's outputs, and deploy/ with the logs")
+    parser.add_argument("--tls", action="store_true", help="TLS between nodes, CLI and SuperLink")
+    parser.add_argument("--auth", action="store_true", help="SuperNode authentication (implies --tls)")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds the whole run may take (default 1800)")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.set or [])
+    deploy(config, args.out, tls=args.tls, auth=args.auth, timeout=args.timeout)
+    print(f"[fedcmd] outputs in {args.out}/, deployment logs in {args.out}/deploy/")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "credentials":
+            creds = make_credentials(args.folder, args.nodes)
+            print(f"[fedcmd] CA {creds.ca_cert}, server certificate {creds.server_cert}, "
+                  f"node keys {creds.node_key(0)}..{args.nodes - 1} (+ .pub)")
+            return 0
+        return run_from_args(args)
+    except (ConfigError, DeploymentError) as err:
+        print(f"fedcmd deploy: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
