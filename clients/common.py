@@ -12,14 +12,14 @@ from torch import nn
 from fedcmd import task
 from fedcmd.flat import ParamLayout
 from fedcmd.sampling import local_seed
-from fedcmd.training import train
+from fedcmd.training import default_device, train
 
 
 @functools.lru_cache(maxsize=2)
 def _model(model_name: str, in_shape: tuple, num_classes: int) -> nn.Module:
     from fedcmd.models import build_model
 
-    return build_model(model_name, in_shape=in_shape, num_classes=num_classes)
+    return build_model(model_name, in_shape=in_shape, num_classes=num_classes).to(default_device())
 
 
 def local_model(config: Mapping[str, Any]) -> tuple[nn.Module, ParamLayout, ParamLayout]:
@@ -59,8 +59,9 @@ def hold_fixed(layout: ParamLayout, model: nn.Module, index: np.ndarray, values:
     held = []
     for t in np.unique(tensor_of):
         sel = tensor_of == t
-        local = torch.from_numpy(index[sel] - layout.offsets[t])
-        held.append((params[layout.names[t]], local, torch.from_numpy(np.ascontiguousarray(values[sel]))))
+        param = params[layout.names[t]]
+        local = torch.from_numpy(index[sel] - layout.offsets[t]).to(param.device)
+        held.append((param, local, torch.from_numpy(np.ascontiguousarray(values[sel])).to(param.device)))
 
     @torch.no_grad()
     def hook(_: nn.Module) -> None:

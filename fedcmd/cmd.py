@@ -28,6 +28,7 @@ passes over all N weights go in chunks, so no N x T float64 array is ever held.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -239,7 +240,11 @@ def _hierarchical(abs_corr: np.ndarray, options: ClusteringOptions) -> np.ndarra
     if k == 1:
         return np.zeros(1, dtype=np.int64)
     if options.features == "rows":
-        tree = hierarchy.linkage(abs_corr, method=options.linkage, metric="euclidean")
+        with warnings.catch_warnings():
+            # |corr| rows are observations; scipy warns when they happen to look like a distance
+            # matrix (symmetric, zero diagonal: constant samples).
+            warnings.simplefilter("ignore", hierarchy.ClusterWarning)
+            tree = hierarchy.linkage(abs_corr, method=options.linkage, metric="euclidean")
     else:
         distance = 1.0 - abs_corr
         np.fill_diagonal(distance, 0.0)
@@ -285,29 +290,35 @@ def _assign_and_fit(trajectories: np.ndarray, references: np.ndarray, chunk_size
     ref_centred, ref_mean = _centre(trajectories[references])
     ref_ss = np.einsum("ij,ij->i", ref_centred, ref_centred)
     ref_inv_norm = np.divide(1.0, np.sqrt(ref_ss), out=np.zeros_like(ref_ss), where=ref_ss > 0)
-    unit_refs_t = np.ascontiguousarray((ref_centred * ref_inv_norm[:, None]).T)
+    n_modes = references.size
+    # Columns 0..M-1: the standardised, centred references; column M: 1/T, giving the row mean.
+    # The references are centred, so the product with un-centred rows is already the centred
+    # inner product: column m is <w_i - mean_i, r_m - mean_m> / |r_m - mean_m|, i.e. |corr| up to
+    # the row's norm and the covariance that a_i needs, all from one matrix product.
+    projector = np.empty((n_snapshots, n_modes + 1))
+    projector[:, :n_modes] = (ref_centred * ref_inv_norm[:, None]).T
+    projector[:, n_modes] = 1.0 / n_snapshots
     modes = np.empty(n_params, dtype=np.int64)
     a = np.empty(n_params, dtype=np.float64)
     b = np.empty(n_params, dtype=np.float64)
     # OpenBLAS runs products below 2^18 multiply-adds on one thread; above, on a shared machine,
     # waking its threads for a skinny chunk x M product costs ~100x the arithmetic.
-    default_rows = max(1, min(_CHUNK_BYTES // (8 * n_snapshots), (1 << 18) // (n_snapshots * references.size)))
+    default_rows = max(1, min(_CHUNK_BYTES // (8 * n_snapshots), (1 << 18) // (n_snapshots * (n_modes + 1))))
     chunk = default_rows if chunk_size is None else _positive_int(chunk_size, "chunk_size")
     for start in range(0, n_params, chunk):
         stop = min(start + chunk, n_params)
         rows = np.array(trajectories[start:stop], dtype=np.float64)
         first = rows[:, 0].copy()
         rows -= first[:, None]  # exact for float32 input: constant rows become exact zeros
-        mean = first + rows.mean(axis=1)
+        with np.errstate(invalid="ignore"):  # non-finite input is reported just below
+            product = rows @ projector
+        mean = first + product[:, n_modes]
         if not np.isfinite(mean).all():
             row = start + int(np.flatnonzero(~np.isfinite(mean))[0])
             raise _non_finite_error("trajectories", np.asarray(trajectories[row:row + 1]), row)
-        # The references are centred, so this product already is the centred inner product:
-        # projection[i, m] = <w_i - mean_i, r_m - mean_m> / |r_m - mean_m|, i.e. |corr| up to the
-        # row's norm, and the covariance that a_i needs, from one matrix product.
-        projection = rows @ unit_refs_t
-        chunk_modes = np.argmax(np.abs(projection), axis=1)
-        chunk_a = projection[np.arange(stop - start), chunk_modes] * ref_inv_norm[chunk_modes]
+        chunk_modes = np.argmax(np.abs(product[:, :n_modes]), axis=1)
+        # 1-D gathers from the flat product: numpy's fast path for fancy indexing.
+        chunk_a = product.ravel()[np.arange(stop - start) * (n_modes + 1) + chunk_modes] * ref_inv_norm[chunk_modes]
         modes[start:stop] = chunk_modes
         a[start:stop] = chunk_a
         b[start:stop] = mean - chunk_a * ref_mean[chunk_modes]
@@ -702,16 +713,17 @@ class EmbeddingSchedule:
             return nothing
         candidates = ~self._mask
         candidates[online.reference_index] = False
-        candidate_index = np.flatnonzero(candidates)
-        base = candidate_index.size if self.of_remaining else online.n_params
-        count = min(candidate_index.size, max(1, round(self.fraction * base))) if candidate_index.size else 0
+        n_candidates = int(np.count_nonzero(candidates))
+        base = n_candidates if self.of_remaining else online.n_params
+        count = min(n_candidates, max(1, round(self.fraction * base)))
         a, b = online.a, online.b
-        change = np.hypot(a[candidate_index] - self._a_old[candidate_index],
-                          b[candidate_index] - self._b_old[candidate_index])
-        if count < candidate_index.size:
-            chosen = np.sort(candidate_index[np.argpartition(change, count - 1)[:count]])
+        if 0 < count < n_candidates:
+            # Whole-vector arithmetic beats gathering the candidates; the others rank last.
+            change = np.hypot(a - self._a_old, b - self._b_old)
+            change[~candidates] = np.inf
+            chosen = np.sort(np.argpartition(change, count - 1)[:count])
         else:
-            chosen = candidate_index
+            chosen = np.flatnonzero(candidates)
         self._mask[chosen] = True
         online.freeze(chosen)
         np.copyto(self._a_old, a)

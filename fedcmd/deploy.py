@@ -2,10 +2,13 @@
 
     python -m fedcmd.deploy run CONFIG.toml --out DIR [--set key=value ...] [--tls] [--auth]
     python -m fedcmd.deploy credentials DIR --nodes N
+    python -m fedcmd.deploy app DIR CONFIG.toml --out OUT [--set key=value ...]
 
 `run` starts a SuperLink and one SuperNode per partition (`--node-config "partition-id=K
 num-partitions=N"`, N = num-clients), submits the fedcmd app with the experiment config as its run config, waits for
-the run's outputs in DIR, and stops every process it started, by PID, whatever happens. What it
+the run's outputs in DIR, and stops every process it started, by PID, whatever happens.
+`credentials` makes what --tls/--auth need, for deployments run by hand; `app` writes the app folder
+and run-config file to give `flwr run` by hand (see experiments/deploy/README.md). What it
 leaves in DIR/deploy/: the logs of every process (superlink.log, supernode-K.log, flwr-run.log), the
 generated app folder and the run config, the Flower home (FLWR_HOME) and, with --tls/--auth, the
 credentials it made.
@@ -460,6 +463,12 @@ def build_parser() -> argparse.ArgumentParser:
     creds = sub.add_parser("credentials", help="make a CA, a server certificate for 127.0.0.1 and node keys")
     creds.add_argument("folder")
     creds.add_argument("--nodes", type=int, required=True, help="number of node key pairs")
+    app = sub.add_parser("app", help="write DIR/app and DIR/run-config.toml for `flwr run DIR/app <connection> "
+                                     "--run-config DIR/run-config.toml`")
+    app.add_argument("folder")
+    app.add_argument("config", nargs="?", help="TOML config, as for `fedcmd run`")
+    app.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    app.add_argument("--out", required=True, help="where the ServerApp writes the run's outputs")
     return parser
 
 
@@ -486,6 +495,12 @@ def main(argv: list[str] | None = None) -> int:
             creds = make_credentials(args.folder, args.nodes)
             print(f"[fedcmd] CA {creds.ca_cert}, server certificate {creds.server_cert}, "
                   f"node keys {creds.node_key(0)}..{args.nodes - 1} (+ .pub)")
+            return 0
+        if args.command == "app":
+            folder = Path(args.folder)
+            write_app(folder / "app")
+            write_run_config(folder / "run-config.toml", load_config(args.config, args.set or []), Path(args.out))
+            print(f"[fedcmd] flwr run {folder / 'app'} <connection> --run-config {folder / 'run-config.toml'} --stream")
             return 0
         return run_from_args(args)
     except (ConfigError, DeploymentError) as err:

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
 from torch import nn
+
+
+def default_device() -> torch.device:
+    """CUDA when PyTorch sees a GPU (unless FEDCMD_DEVICE says otherwise), else the CPU."""
+    name = os.environ.get("FEDCMD_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 def train(
@@ -32,6 +39,7 @@ def train(
         raise ValueError(f"train: {len(x)} inputs but {len(y)} labels")
     if len(x) == 0:
         raise ValueError("train: empty training set")
+    device = next(model.parameters()).device
     model.train()
     optimiser = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     loss_fn = nn.CrossEntropyLoss()
@@ -42,7 +50,7 @@ def train(
         for start in range(0, len(x), batch_size):
             batch = order[start : start + batch_size]
             optimiser.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x[batch]), y[batch])
+            loss = loss_fn(model(x[batch].to(device)), y[batch].to(device))
             loss.backward()
             optimiser.step()
             if step_hook is not None:
@@ -55,12 +63,13 @@ def train(
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2000) -> tuple[float, float]:
     """Mean cross-entropy loss and accuracy of `model` on (x, y)."""
+    device = next(model.parameters()).device
     model.eval()
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     total_loss, correct = 0.0, 0
     for start in range(0, len(x), batch_size):
-        logits = model(x[start : start + batch_size])
-        target = y[start : start + batch_size]
+        logits = model(x[start : start + batch_size].to(device))
+        target = y[start : start + batch_size].to(device)
         total_loss += float(loss_fn(logits, target))
         correct += int((logits.argmax(dim=1) == target).sum())
     n = max(len(x), 1)
