@@ -3,8 +3,10 @@
 Callbacks have `on_step(model)` (after every optimiser step) and/or `on_epoch_end(epoch)`
 (epochs count from 1); `train_with_callbacks` runs `fedcmd.training.train` and calls them.
 
-- `CMDCallback`: online CMD on one flat snapshot per epoch (snapshot 0 is the initial model, so CMD
-  is fitted at the end of epoch F). `cmd_model()` evaluates the CMD-modelled network. With an
+- `CMDCallback`: online CMD on one flat snapshot per epoch. Snapshot 0 is the initial model, as on
+  the federated server, so CMD is fitted at the end of epoch F; with observe_initial=False it is the
+  end of epoch 1 (the jump away from the random initialisation is then not part of the fit).
+  `cmd_model()` evaluates the CMD-modelled network. With an
   `EmbeddingSchedule`, embedded weights are overwritten with their CMD value at every epoch end,
   as in the authors' code: they still receive gradient steps within an epoch.
 - `EMACallback`: exponential moving average of the weights after every step.
@@ -33,7 +35,7 @@ class CMDCallback:
     """Online CMD of `model`'s trainable parameters, optionally embedded into training."""
 
     def __init__(self, model: nn.Module, n_modes: int | None, warmup: int, *, embed: EmbeddingSchedule | None = None,
-                 n_samples: int = 1000, seed: int = 0, **cmd_options: Any) -> None:
+                 observe_initial: bool = True, n_samples: int = 1000, seed: int = 0, **cmd_options: Any) -> None:
         self.model = model
         self.layout = ParamLayout.from_module(model, kind="parameters")
         self.online = OnlineCMD(self.layout.numel, n_modes, warmup, n_samples, seed,
@@ -41,7 +43,8 @@ class CMDCallback:
         self.schedule = embed
         self.epoch = 0
         self.embedded_index = np.zeros(0, dtype=np.int64)
-        self.online.observe(self.layout.flatten(model))
+        if observe_initial:
+            self.online.observe(self.layout.flatten(model))
 
     @property
     def embedded_fraction(self) -> float:

@@ -418,8 +418,8 @@ class OnlineCMD:
 
     Warm-up: snapshots 0..F (warmup = F) are kept; at F, `fit_cmd` runs once and the buffer is freed.
     Modes and references are fixed from then on. Per mode the state is n, the mean and the centred
-    sum of squares of r (Welford: float64, no cancellation when a weight moves little relative to
-    its value). Per weight the state is (a_i, b_i) themselves, in float64: with the mode's 2x2 Gram
+    sum of squares of r (Welford: float64, no cancellation when a reference moves little relative
+    to its value). Per weight the state is (a_i, b_i) themselves, in float64: with the mode's 2x2 Gram
     matrix G = [[Srr, Sr], [Sr, n]] they are equivalent to the sums (Swr, Sw) = (a, b) G, and each
     snapshot updates them to the least-squares fit on all snapshots 0..t (recursive least squares,
     Eq. 9). Storing (a, b) rather than the sums lets a frozen (embedded) weight simply keep its

@@ -61,12 +61,13 @@ SCHEMA: dict[str, tuple[type, Any, Callable[[Any], bool] | None, str]] = {
     "round-timeout": (float, 600.0, _positive, "positive (seconds)"),
     # Federated CMD (strategies/cmd.py)
     "cmd-modes": (int, 10, _positive, "a positive integer"),
-    "cmd-warmup": (int, 10, _positive, "a positive integer"),
-    "cmd-every": (int, 2, _positive, "a positive integer"),
-    "cmd-fraction": (float, 0.1, _fraction, "in (0, 1]"),
-    "cmd-of-remaining": (bool, False, None, ""),
+    "cmd-warmup": (int, 5, _positive, "a positive integer"),
+    "cmd-every": (int, 1, _positive, "a positive integer"),
+    "cmd-fraction": (float, 0.15, _fraction, "in (0, 1]"),
+    "cmd-of-remaining": (bool, True, None, ""),
+    "cmd-max-embedded": (float, 0.9, _fraction, "in (0, 1]"),
     "cmd-samples": (int, 1000, _positive, "a positive integer"),
-    "cmd-embedded-training": (str, "snap", _one_of(("snap", "frozen")), "one of snap, frozen"),
+    "cmd-embedded-training": (str, "frozen", _one_of(("snap", "frozen")), "one of snap, frozen"),
     # APF / A-APF (strategies/apf.py)
     "apf-threshold": (float, 0.05, _positive, "positive"),
     "apf-alpha": (float, 0.99, lambda v: 0 < v < 1, "in (0, 1)"),

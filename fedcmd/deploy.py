@@ -5,22 +5,24 @@
     python -m fedcmd.deploy app DIR CONFIG.toml --out OUT [--set key=value ...]
 
 `run` starts a SuperLink and one SuperNode per partition (`--node-config "partition-id=K
-num-partitions=N"`, N = num-clients), submits the fedcmd app with the experiment config as its run config, waits for
-the run's outputs in DIR, and stops every process it started, by PID, whatever happens.
-`credentials` makes what --tls/--auth need, for deployments run by hand; `app` writes the app folder
-and run-config file to give `flwr run` by hand (see experiments/deploy/README.md). What it
-leaves in DIR/deploy/: the logs of every process (superlink.log, supernode-K.log, flwr-run.log), the
-generated app folder and the run config, the Flower home (FLWR_HOME) and, with --tls/--auth, the
-credentials it made.
+num-partitions=N"`, N = num-clients), submits the fedcmd app with the experiment config as its run
+config, waits for the run's outputs in DIR, and stops every process it started, by PID, whatever
+happens. It leaves in DIR/deploy/ the logs of every process (superlink.log, supernode-K.log,
+flwr-run.log), the SuperLink's record of the run (superlink-run.json: status, traffic, compute time),
+the generated app folder and run config, the Flower home (FLWR_HOME) and, with --tls/--auth, the
+credentials it made. `credentials` makes what --tls/--auth need for a deployment run by hand; `app`
+writes the app folder and run-config file to give `flwr run` by hand (experiments/deploy/README.md).
 
 Decisions:
-- Ports are picked free at start; everything binds 127.0.0.1. Runtime dependency installation is
-  off (the venv has everything), telemetry and update checks are off, FLWR_HOME is DIR/deploy/flwr-home
-  so a deployment never touches ~/.flwr or another deployment's state.
-- Flower fuses `--run-config` with the app's `[tool.flwr.app.config]` and refuses keys that table lacks,
-  so the app is submitted from a generated folder (DIR/deploy/app) whose pyproject.toml declares every
-  fedcmd config key (with its default) plus `out-dir`; the code in it is a copy of this checkout's
-  packages. The run config is the resolved experiment config, the same dict a simulation runs.
+- Ports are picked free at start (bound to port 0, then released: another process could take one
+  in between, which shows as a start-up error); everything binds 127.0.0.1. Runtime dependency
+  installation is off (the venv has everything), telemetry and update checks are off, FLWR_HOME is
+  DIR/deploy/flwr-home so a deployment never touches ~/.flwr or another deployment's state.
+- Flower fuses `--run-config` with the app's `[tool.flwr.app.config]` and refuses keys that table
+  lacks, so the app is submitted from a generated folder (DIR/deploy/app) whose pyproject.toml
+  declares every fedcmd config key (with its default) plus `out-dir`; the code in it is a copy of
+  this checkout's packages. The run config is the resolved experiment config, the same dict a
+  simulation runs.
 - `--tls` gives the SuperLink a certificate for IP:127.0.0.1 signed by a CA made for the deployment;
   nodes and the `flwr` CLI verify it. `--auth` (implies --tls) turns on SuperNode authentication:
   each node gets an ECDSA P-384 key in SSH format whose public half is registered with
@@ -130,24 +132,27 @@ def make_credentials(folder: str | Path, num_nodes: int, *, days: int = 30) -> C
     creds.folder.mkdir(parents=True, exist_ok=True)
     if not (creds.ca_cert.exists() and creds.server_cert.exists() and creds.server_key.exists()):
         now = datetime.datetime.now(datetime.timezone.utc)
+        valid_from, valid_to = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days)
         ca_key = ec.generate_private_key(ec.SECP384R1())
         ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedcmd deployment CA")])
+        signs_certificates = x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
+                                           data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                           crl_sign=True, encipher_only=False, decipher_only=False)
         ca_cert = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
                    .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-                   .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=days))
+                   .not_valid_before(valid_from).not_valid_after(valid_to)
                    .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-                   .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
-                                                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                                crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+                   .add_extension(signs_certificates, critical=True)
                    .sign(ca_key, hashes.SHA384()))
         server_key = ec.generate_private_key(ec.SECP384R1())
+        server_names = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(LOOPBACK)),
+                                                    x509.DNSName("localhost")])
         server_cert = (x509.CertificateBuilder()
                        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, LOOPBACK)]))
                        .issuer_name(ca_name).public_key(server_key.public_key())
                        .serial_number(x509.random_serial_number())
-                       .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=days))
-                       .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(LOOPBACK)),
-                                                                   x509.DNSName("localhost")]), critical=False)
+                       .not_valid_before(valid_from).not_valid_after(valid_to)
+                       .add_extension(server_names, critical=False)
                        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
                        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
                        .sign(ca_key, hashes.SHA384()))
@@ -212,6 +217,7 @@ class Deployment:
         self.port = 0
         self.superlink: subprocess.Popen | None = None
         self.nodes: dict[int, subprocess.Popen] = {}
+        self.node_ids: dict[int, int] = {}  # partition -> node id registered for its key (--auth)
         self._extra: list[subprocess.Popen] = []
         self._logs: list = []
         self._sigterm = None
@@ -274,7 +280,7 @@ class Deployment:
         self._wait_for_port(self.port, self.superlink, "superlink.log", wait_seconds)
         if self.auth:
             for k in range(self.num_nodes):
-                self.register(self.credentials.node_key(k))
+                self.node_ids[k] = self.register(self.credentials.node_key(k))
         for k in range(self.num_nodes):
             self.start_node(k)
         self.wait_for_nodes(self.num_nodes, wait_seconds)
@@ -304,12 +310,27 @@ class Deployment:
             args += ["--auth-supernode-private-key", str(key or self.credentials.node_key(partition_id))]
         return args
 
-    def start_node(self, partition_id: int) -> subprocess.Popen:
-        """Start (or restart) the SuperNode holding partition `partition_id`."""
-        if partition_id in self.nodes and self.nodes[partition_id].poll() is None:
-            raise DeploymentError(f"the SuperNode of partition {partition_id} is already running")
+    def start_node(self, partition_id: int, *, wait_seconds: float = 180) -> subprocess.Popen:
+        """Start (or restart) the SuperNode holding partition `partition_id`.
+
+        With authentication a node keeps its id across restarts, and the SuperLink refuses to
+        activate an id it still counts as online (a crashed node stays so until its heartbeats are
+        missed, about a minute): a restart first waits for the SuperLink to see the old one offline.
+        """
+        if partition_id in self.nodes:
+            if self.nodes[partition_id].poll() is None:
+                raise DeploymentError(f"the SuperNode of partition {partition_id} is already running")
+            if self.auth:
+                self.wait_until_offline(self.node_ids[partition_id], wait_seconds)
         self.nodes[partition_id] = self._spawn(self.node_args(partition_id), f"supernode-{partition_id}.log")
         return self.nodes[partition_id]
+
+    def wait_until_offline(self, node_id: int, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while any(int(n["node-id"]) == node_id and n["status"] == "online" for n in self.node_list()):
+            if time.monotonic() > deadline:
+                raise DeploymentError(f"node {node_id} still online after {seconds} s")
+            time.sleep(2.0)
 
     def start_foreign_node(self, key: Path, partition_id: int = 0, log_name: str = "supernode-foreign.log"
                            ) -> subprocess.Popen:

@@ -151,4 +151,6 @@ def run_server_app(grid: Grid, config: dict[str, Any], out_dir: str | Path, prog
                    resume: bool = False) -> dict:
     """Entry used by ServerApps: the server thread gets its own, bounded, share of the cores."""
     torch.set_num_threads(1)
+    if not logging.getLogger().handlers:  # a deployed ServerApp process has none: keep rejections visible
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     return run_experiment(grid, config, out_dir, progress=progress, resume=resume)

@@ -149,3 +149,18 @@ def test_cmd_resumes_after_embedding_events_with_restarted_clients(small_config,
                                  if r["category"] == "coefficients" and int(r["round"]) == rnd)
     assert coeff(tmp_path / "cut", 5) > coeff(tmp_path / "whole", 5)
     assert coeff(tmp_path / "cut", 6) == coeff(tmp_path / "whole", 6)
+
+
+def test_aggressive_apf_resumes_with_restarted_clients(small_config, tmp_path):
+    """A-APF's controller (with its random-freeze generator) comes back from the pickle as it was."""
+    config = dict(small_config, **{"strategy": "a-apf", "num-server-rounds": 7, "apf-threshold": 0.3,
+                                   "local-epochs": 1})
+    whole = run_inprocess(config, tmp_path / "whole", progress=False)
+    with pytest.raises(Crash):
+        run_inprocess(config, tmp_path / "cut", progress=False, grid=crashing_grid(4, at_round=5))
+    cut = run_inprocess(config, tmp_path / "cut", progress=False, grid=fresh_grid(4), resume=True)
+    assert whole["frozen_fraction_mean"] > 0  # the controller's state shaped the run
+    assert cut["replies_rejected"] == 0
+    accuracy = lambda out: [m["accuracy"] for m in results(out)[0]]
+    assert accuracy(tmp_path / "cut") == accuracy(tmp_path / "whole")
+    assert cut["frozen_fraction_mean"] == whole["frozen_fraction_mean"]

@@ -417,3 +417,8 @@ def test_cmd_callback_embeds_and_evaluates_without_changing_training_weights():
     np.testing.assert_array_equal(callback.layout.flatten(model), before)
     with pytest.raises(ValueError, match="epoch 5 was already observed"):
         callback.on_epoch_end(5)
+    late = CMDCallback(model, 3, 2, observe_initial=False, n_samples=40)
+    for epoch in (1, 2, 3):
+        assert not late.online.ready
+        late.on_epoch_end(epoch)
+    assert late.online.ready and late.online.n_observed == 3

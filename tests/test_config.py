@@ -51,3 +51,12 @@ def test_cli_bad_config_exits_nonzero_naming_the_key(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "num-server-round" in proc.stderr
+
+
+def test_flower_app_config_lists_every_key_with_its_default():
+    import tomllib
+    from pathlib import Path
+
+    app_config = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert app_config.pop("out-dir") == ""
+    assert resolve(app_config) == DEFAULTS and set(app_config) == set(DEFAULTS)

@@ -233,7 +233,8 @@ def markdown(result: dict) -> str:
     ]
     for r in result["robustness"]:
         rmse = "-" if r["rmse_mean"] is None else f"{r['rmse_mean']:.4f}"
-        lines.append(f"| {r['a']} | {r['noise']} | {r['method']} | {r['agreement_mean']:.3f} | "
+        method = r["method"].replace("|", "\\|")  # a bare | would split the Markdown cell
+        lines.append(f"| {r['a']} | {r['noise']} | {method} | {r['agreement_mean']:.3f} | "
                      f"{r['agreement_min']:.3f} | {rmse} |")
     lines += [
         "",
