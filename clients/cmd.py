@@ -134,8 +134,10 @@ def train(content: RecordDict, context: Context, config: Mapping[str, Any], part
     hook = None
     if config["cmd-embedded-training"] == "frozen" and store.version:
         model, _, _ = local_model(config)
-        embedded = np.flatnonzero(store.embedded)
-        hook = hold_fixed(weight_layout, model, embedded, theta[embedded])
+        held = np.flatnonzero(store.embedded)
+        if content["cmd"].get("hold-references", False):
+            held = np.union1d(held, store.reference_index)
+        hook = hold_fixed(weight_layout, model, held, theta[held])
     theta, buffers, metrics = train_locally(config, partition_id, theta, buffers, step_hook=hook)
     reply = RecordDict({"weights": vector_record(theta[free])})
     if store.version:

@@ -24,6 +24,9 @@ Protocol (decisions the paper leaves open are marked *):
 - *Embedding stops once `cmd-max-embedded` of the weights are embedded (the last event may pass
   the cap by at most one event's worth). Measured on Fashion-MNIST/LeNet-5: accuracy held while up
   to ~93% of the weights were embedded and fell by about a point as embedding passed 95%.
+- *With `frozen` local training, once embedding has stopped the reference weights are held too
+  (clients keep them fixed, the server stops aggregating them): without this, reference drift
+  amplified by large |a_i| made one of three seeds collapse (88.8% -> 66%) after the cap.
 - Volume: the accountant measures real bytes; `paper_floats` per round is Eq. 16's count,
   2|C|(N - embedded) + 2|C|(newly embedded), which ignores masks, modes and metadata.
 """
@@ -139,6 +142,7 @@ class CMD(FedcmdStrategy):
         self.acked: dict[int, int] = {}            # partition id -> acknowledged store version
         self.sent: dict[tuple[int, int], int] = {}  # (round, partition) -> version sent
         self.event_rounds: list[int] = []          # round after which each event happened
+        self.references_held = False               # set once embedding has stopped at the cap
         self.paper_floats: dict[int, float] = {}
         self._refresh_layout()
 
@@ -166,6 +170,7 @@ class CMD(FedcmdStrategy):
         from_version = self.acked.get(partition_id, 0)
         content = encode_events(self.events[from_version:], self.weights.size, from_version, self.version,
                                 self.reference_index, self.n_modes)
+        content["cmd"]["hold-references"] = self.references_held
         content["weights"] = vector_record(self.weights[self.free_index])
         if self.version:
             content["references"] = vector_record(self.weights[self.reference_index])
@@ -200,7 +205,7 @@ class CMD(FedcmdStrategy):
         counts = [n for _, (n, _) in updates]
         theta = self.weights.copy()
         theta[self.free_index] = weighted_mean([u[0] for _, (_, u) in updates], counts)
-        if self.version:
+        if self.version and not self.references_held:
             theta[self.reference_index] = weighted_mean([u[1] for _, (_, u) in updates], counts)
             rebuild_embedded(theta, self.embedded_index, self.emb_a, self.emb_b, self.emb_mode, self.reference_index)
         if self.buffers.size:
@@ -215,7 +220,11 @@ class CMD(FedcmdStrategy):
         if not self.reference_index.size:
             self.reference_index = np.asarray(self.online.reference_index, dtype=np.int64)
         if self.embedded_index.size >= self.config["cmd-max-embedded"] * self.weights.size:
-            return  # embedding stops at the cap; online statistics of free weights still update
+            # Embedding stops at the cap. With "frozen" training the references are held from then on
+            # too: a reference's own gradient says nothing of the weights tied to it, and its drift,
+            # amplified by |a_i| (up to ~30 here), destabilised training late in runs.
+            self.references_held = self.config["cmd-embedded-training"] == "frozen"
+            return
         new = np.asarray(self.schedule.step(self.online), dtype=np.int64)
         if not new.size:
             return

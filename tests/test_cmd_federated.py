@@ -155,3 +155,19 @@ def test_cifar10_resnet18_cmd_config_runs_one_round_on_cifar_shaped_data(tmp_pat
     summary = run_inprocess(config, tmp_path, progress=False)
     assert summary["num_parameters"] == 11_173_962 and summary["num_buffer_values"] > 0
     assert summary["rounds"] == 1 and summary["replies_rejected"] == 0
+
+
+def test_references_are_held_once_embedding_stops_at_the_cap(cmd_config, tmp_path, monkeypatch):
+    config = dict(cmd_config, **{"cmd-max-embedded": 0.5})
+    summary, rec, grid = run_with_invariant(config, tmp_path, monkeypatch)
+    assert rec.max_gap() <= 1e-6
+    assert 0.5 <= summary["embedded_fraction"] < 0.8  # embedding stopped at the cap
+    with open(tmp_path / "metrics.csv") as fh:
+        fractions = {int(r["round"]): float(r["embedded_fraction"]) for r in csv.DictReader(fh) if r["round"] != "0"}
+    capped = min(r for r, f in fractions.items() if f >= 0.5)
+    refs = next(CoefficientStore.load(c, summary["num_parameters"]).reference_index
+                for c in grid.contexts.values() if c.state.get(cmd_client.STORE_KEY) is not None)
+    later = [rec.server[r][refs] for r in sorted(rec.server) if r > capped + 1]
+    assert len(later) >= 2 and all(np.array_equal(v, later[0]) for v in later)
+    # embedded weights follow the held references, so they are constant too; free weights still train
+    assert not np.array_equal(rec.server[max(rec.server)], rec.server[capped + 2])
