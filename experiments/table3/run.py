@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     if "fedavg" not in args.methods:  # compare with the baseline runs already in `out`
         runs += [out / f"fedavg-seed{seed}" for seed in args.seeds if (out / f"fedavg-seed{seed}").is_dir()]
     print(compare(runs, baseline="fedavg", out=out))
+    print(f"[table3] table: {out / 'comparison.md'}; plots: {out}/*.png", flush=True)
     return 0
 
 
