@@ -33,7 +33,7 @@ data:
 # A short FedAvg / CMD / APF / A-APF comparison on Fashion-MNIST (a few minutes on 2 cores).
 demo: setup
 	$(PY) experiments/table3/run.py --seeds 0 --out runs/demo --set num-server-rounds=6 \
-		--set num-clients=4 --set cmd-warmup=2 --set cmd-every=1 --set cmd-fraction=0.2
+		--set num-clients=4 --set cmd-warmup=2 --set cmd-every=1 --set cmd-fraction=0.3
 
 test: setup
 	$(PY) -m pytest -q

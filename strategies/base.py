@@ -109,13 +109,6 @@ class FedcmdStrategy(Strategy):
     def on_node_changed(self, partition_id: int) -> None:
         """Hook: a partition is now served by a different node (e.g. a restarted SuperNode)."""
 
-    def strategy_state(self) -> dict[str, Any]:
-        """Extra state for checkpoints (plain arrays and scalars)."""
-        return {}
-
-    def load_strategy_state(self, state: dict[str, Any]) -> None:
-        """Restore what `strategy_state` returned."""
-
     def round_metrics(self, server_round: int) -> dict[str, float]:
         """Per-round figures for the metrics table (e.g. frozen or embedded fraction)."""
         return {}
