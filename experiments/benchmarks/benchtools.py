@@ -111,6 +111,28 @@ class PhaseTimers:
 # ------------------------------------------------------------------------------------------ memory
 
 
+def wrap_cmd_strategy(t: PhaseTimers) -> PhaseTimers:
+    """Time the federated CMD server's parts (strategy methods, encoding, accountant, online CMD)."""
+    import fedcmd.accountant
+    import strategies.cmd
+    from fedcmd.accountant import VolumeAccountant
+    from fedcmd.cmd import EmbeddingSchedule, OnlineCMD
+    from strategies.cmd import CMD
+
+    for name in ("configure_train", "aggregate_train", "train_content", "parse_reply", "aggregate", "global_arrays"):
+        t.wrap(CMD, name)
+    t.wrap(CMD, "_advance_cmd", "advance_cmd")
+    t.wrap(CMD, "_refresh_layout", "refresh_layout")
+    for name in ("encode_events", "vector_record", "weighted_mean", "rebuild_embedded"):
+        t.wrap(strategies.cmd, name)
+    t.wrap(VolumeAccountant, "record_message", "accountant")
+    t.wrap(fedcmd.accountant, "wire_size")
+    t.wrap(OnlineCMD, "observe", "online_observe")
+    t.wrap(OnlineCMD, "_fit", "online_fit")
+    t.wrap(EmbeddingSchedule, "step", "schedule_step")
+    return t
+
+
 def _read_kb(path: str, key: str) -> int:
     try:
         with open(path) as fh:

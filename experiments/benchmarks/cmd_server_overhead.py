@@ -43,10 +43,7 @@ import clients.cmd
 import fedcmd.accountant
 import fedcmd.engine
 import fedcmd.server
-import strategies.cmd
-from benchtools import PhaseTimers, command_line, default_out, machine, mb, write_outputs
-from fedcmd.accountant import VolumeAccountant
-from fedcmd.cmd import EmbeddingSchedule, OnlineCMD
+from benchtools import PhaseTimers, command_line, default_out, machine, mb, wrap_cmd_strategy, write_outputs
 from fedcmd.config import load_config
 from fedcmd.engine import LocalGrid, run_inprocess
 from fedcmd.report import read_rows
@@ -92,18 +89,7 @@ class Probe:
         t.wrap(LocalGrid, "send_and_receive")
         t.wrap(fedcmd.engine, "_wire", "serialise")
         t.wrap(clients.cmd, "train", "client_train")
-        for name in ("configure_train", "aggregate_train", "train_content", "parse_reply", "aggregate",
-                     "global_arrays"):
-            t.wrap(CMD, name)
-        t.wrap(CMD, "_advance_cmd", "advance_cmd")
-        t.wrap(CMD, "_refresh_layout", "refresh_layout")
-        for name in ("encode_events", "vector_record", "weighted_mean", "rebuild_embedded"):
-            t.wrap(strategies.cmd, name)
-        t.wrap(VolumeAccountant, "record_message", "accountant")
-        t.wrap(fedcmd.accountant, "wire_size")
-        t.wrap(OnlineCMD, "observe", "online_observe")
-        t.wrap(OnlineCMD, "_fit", "online_fit")
-        t.wrap(EmbeddingSchedule, "step", "schedule_step")
+        wrap_cmd_strategy(t)
 
 
 def checkpoint_parts(strategy: CMD) -> dict[str, int]:

@@ -44,10 +44,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 import fedcmd.accountant
 import fedcmd.task
-import strategies.cmd
-from benchtools import PhaseTimers, command_line, default_out, machine, mb, write_outputs
-from fedcmd.accountant import VolumeAccountant
-from fedcmd.cmd import EmbeddingSchedule, OnlineCMD
+from benchtools import PhaseTimers, command_line, default_out, machine, mb, wrap_cmd_strategy, write_outputs
 from fedcmd.config import resolve
 from fedcmd.flat import ParamLayout
 from strategies.base import vector_record
@@ -108,19 +105,7 @@ def replies_for(strategy: CMD, messages: list[Message], theta: np.ndarray, noise
 
 
 def install_timers() -> PhaseTimers:
-    t = PhaseTimers()
-    for name in ("configure_train", "aggregate_train", "train_content", "parse_reply", "aggregate", "global_arrays"):
-        t.wrap(CMD, name)
-    t.wrap(CMD, "_advance_cmd", "advance_cmd")
-    t.wrap(CMD, "_refresh_layout", "refresh_layout")
-    for name in ("encode_events", "vector_record", "weighted_mean", "rebuild_embedded"):
-        t.wrap(strategies.cmd, name)
-    t.wrap(VolumeAccountant, "record_message", "accountant")
-    t.wrap(fedcmd.accountant, "wire_size")
-    t.wrap(OnlineCMD, "observe", "online_observe")
-    t.wrap(OnlineCMD, "_fit", "online_fit")
-    t.wrap(EmbeddingSchedule, "step", "schedule_step")
-    return t
+    return wrap_cmd_strategy(PhaseTimers())
 
 
 def run_rounds(n_params: int, n_clients: int, warmup: int, events: int, timers: PhaseTimers, trace: bool) -> list[dict]:
