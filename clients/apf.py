@@ -109,7 +109,8 @@ def train(content: RecordDict, context: Context, config: Mapping[str, Any], part
     frozen = np.flatnonzero(~synced.active)
     model, _, _ = local_model(config)
     hook = hold_fixed(weight_layout, model, frozen, synced.weights[frozen])
-    trained, buffers, metrics = train_locally(config, partition_id, synced.weights, buffers, step_hook=hook)
+    trained, buffers, metrics = train_locally(config, partition_id, synced.weights, buffers, step_hook=hook,
+                                              context=context)
     reply = RecordDict({"weights": vector_record(trained[synced.active])})
     if buffers.size:
         reply["buffers"] = vector_record(buffers)

@@ -138,7 +138,7 @@ def train(content: RecordDict, context: Context, config: Mapping[str, Any], part
         if content["cmd"].get("hold-references", False):
             held = np.union1d(held, store.reference_index)
         hook = hold_fixed(weight_layout, model, held, theta[held])
-    theta, buffers, metrics = train_locally(config, partition_id, theta, buffers, step_hook=hook)
+    theta, buffers, metrics = train_locally(config, partition_id, theta, buffers, step_hook=hook, context=context)
     reply = RecordDict({"weights": vector_record(theta[free])})
     if store.version:
         reply["references"] = vector_record(theta[store.reference_index])

@@ -1,18 +1,41 @@
-"""What every fedcmd client shares: its data, a model kept for the process, local training."""
+"""What every fedcmd client shares: its data, a model kept for the process, local training.
+
+Local work per round is either `local-epochs` whole epochs (a new batch order each round, drawn
+from (seed, round, partition)) or, with `local-steps = k > 0`, k optimiser steps drawn from the
+client's persistent batch stream (`fedcmd.training.BatchStream`): consecutive rounds continue the
+stream where the last one stopped. With `optimizer-state = keep` the optimiser's state (SGD
+momentum, Adam's step count and moments: 2N float32 values for Adam, N for SGD with momentum)
+lives on across rounds too. Both live in the node's `context.state` (record `local-training`);
+they cost client memory and are never sent.
+
+So that `fedcmd run --resume` continues exactly, a client that keeps such state also writes it
+after each round it trains to `<client-state-dir>/<run-token>/partition-<k>.round-<r>.npz` (the
+server names the folder: `<out>/client-state`; a SuperNode's node config `state-dir` overrides it)
+and keeps the last two files. A node that holds no state (a resumed run, a restarted SuperNode)
+loads the newest file written before the current round; the run token, drawn when a run starts
+and kept in its checkpoint, keeps another run's files out.
+"""
 
 from __future__ import annotations
 
 import functools
+import os
+import re
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
+from flwr.app import Array, ArrayRecord, Context
 from torch import nn
 
 from fedcmd import task
+from fedcmd.config import keeps_local_state
 from fedcmd.flat import ParamLayout
 from fedcmd.sampling import local_seed
-from fedcmd.training import default_device, train
+from fedcmd.training import BatchStream, default_device, epoch_batches, make_optimizer, run_steps
+
+STATE_KEY = "local-training"
 
 
 @functools.lru_cache(maxsize=2)
@@ -29,19 +52,135 @@ def local_model(config: Mapping[str, Any]) -> tuple[nn.Module, ParamLayout, Para
     return _model(config["model"], tuple(data.in_shape), data.num_classes), weight_layout, buffer_layout
 
 
+class LocalTrainingState:
+    """A client's batch-stream position and optimiser state between rounds (see module docstring)."""
+
+    def __init__(self, position: tuple[int, int] = (0, 0), optimizer: dict[str, np.ndarray] | None = None,
+                 trained_round: int = 0) -> None:
+        self.position = position
+        self.optimizer = optimizer or {}   # "<param index>/<state name>" -> array
+        self.trained_round = trained_round
+
+    # --- the node's context.state ---------------------------------------------------------------
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> "LocalTrainingState":
+        pass_index, offset, trained_round = (int(v) for v in arrays["position"])
+        return cls((pass_index, offset), {k[4:]: v for k, v in arrays.items() if k.startswith("opt/")}, trained_round)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        arrays = {"position": np.array([*self.position, self.trained_round], dtype=np.int64)}
+        arrays.update({f"opt/{k}": v for k, v in self.optimizer.items()})
+        return arrays
+
+    @classmethod
+    def load(cls, context: Context) -> "LocalTrainingState | None":
+        record = context.state.get(STATE_KEY)
+        if not isinstance(record, ArrayRecord):
+            return None
+        return cls.from_arrays({k: record[k].numpy() for k in record})
+
+    def save(self, context: Context) -> None:
+        context.state[STATE_KEY] = ArrayRecord({k: Array(np.require(v, requirements="C")) for k, v in self.to_arrays().items()})
+
+    # --- the optimiser --------------------------------------------------------------------------
+    @staticmethod
+    def capture(optimiser: torch.optim.Optimizer) -> dict[str, np.ndarray]:
+        return {f"{index}/{name}": value.detach().cpu().numpy().copy() if torch.is_tensor(value) else np.array(value)
+                for index, entries in optimiser.state_dict()["state"].items() for name, value in entries.items()}
+
+    def restore(self, optimiser: torch.optim.Optimizer) -> None:
+        if not self.optimizer:
+            return
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in self.optimizer.items():
+            index, name = key.split("/", 1)
+            state.setdefault(int(index), {})[name] = torch.from_numpy(np.array(value))
+        saved = optimiser.state_dict()
+        saved["state"] = state
+        optimiser.load_state_dict(saved)
+
+
+class StateFiles:
+    """The on-disk copies of one client's LocalTrainingState, for resumed runs and restarted nodes."""
+
+    KEEP = 2
+
+    def __init__(self, folder: str | Path, run_token: str, partition_id: int) -> None:
+        self.folder = Path(folder) / run_token
+        self.prefix = f"partition-{partition_id}.round-"
+
+    def _files(self) -> list[tuple[int, Path]]:
+        if not self.folder.is_dir():
+            return []
+        pattern = re.compile(re.escape(self.prefix) + r"(\d+)\.npz$")
+        found = [(int(m[1]), p) for p in self.folder.iterdir() if (m := pattern.match(p.name))]
+        return sorted(found)
+
+    def latest_before(self, server_round: int) -> LocalTrainingState | None:
+        older = [(r, p) for r, p in self._files() if r < server_round]
+        if not older:
+            return None
+        with np.load(older[-1][1]) as arrays:
+            return LocalTrainingState.from_arrays({k: arrays[k] for k in arrays.files})
+
+    def write(self, state: LocalTrainingState) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"{self.prefix}{state.trained_round}.npz"
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, **state.to_arrays())
+        os.replace(tmp, path)
+        for _, old in self._files()[: -self.KEEP]:
+            old.unlink(missing_ok=True)
+
+
+def _state_files(config: Mapping[str, Any], context: Context | None, partition_id: int) -> StateFiles | None:
+    folder = (context.node_config.get("state-dir") if context is not None else None) or config.get("client-state-dir")
+    token = config.get("run-token")
+    return StateFiles(folder, token, partition_id) if folder and token else None
+
+
 def train_locally(config: Mapping[str, Any], partition_id: int, weights: np.ndarray, buffers: np.ndarray,
-                  step_hook: Callable[[nn.Module], None] | None = None,
+                  step_hook: Callable[[nn.Module], None] | None = None, context: Context | None = None,
                   ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-    """Load (weights, buffers) into the model, train on this client's partition, return the result."""
+    """Load (weights, buffers) into the model, train on this client's partition, return the result.
+
+    `context` is the node's: it carries the batch-stream position and optimiser state between
+    rounds when the config keeps them (without one, e.g. in a direct call, they start afresh).
+    """
     torch.set_num_threads(1)  # one core per client: clients run side by side on a shared machine
     model, weight_layout, buffer_layout = local_model(config)
     weight_layout.load(model, weights)
     buffer_layout.load(model, buffers)
     x, y = task.client_data(config, partition_id)
-    result = train(model, x, y, epochs=config["local-epochs"], batch_size=config["batch-size"],
-                   lr=config["lr"], momentum=config["momentum"], weight_decay=config["weight-decay"],
-                   seed=local_seed(config["seed"], config["server-round"], partition_id), step_hook=step_hook)
-    metrics = {"num-examples": float(len(y)), "train-loss": float(result["train_loss"])}
+    server_round = int(config["server-round"])
+    stateful = keeps_local_state(config)
+    files = _state_files(config, context, partition_id) if stateful else None
+    state = LocalTrainingState.load(context) if stateful and context is not None else None
+    if stateful and state is None:
+        state = (files.latest_before(server_round) if files else None) or LocalTrainingState()
+    optimiser = make_optimizer(model.parameters(), config["optimizer"], lr=config["lr"], momentum=config["momentum"],
+                               weight_decay=config["weight-decay"], betas=(config["adam-beta1"], config["adam-beta2"]),
+                               eps=config["adam-eps"])
+    if state is not None and config["optimizer-state"] == "keep":
+        state.restore(optimiser)
+    if config["local-steps"] > 0:
+        stream = BatchStream(len(y), config["batch-size"], config["seed"], partition_id, *state.position)
+        batches = stream.take(config["local-steps"])
+    else:
+        stream = None
+        batches = epoch_batches(len(y), config["batch-size"], config["local-epochs"],
+                                local_seed(config["seed"], server_round, partition_id))
+    result = run_steps(model, x, y, batches, optimiser, step_hook)
+    if state is not None:
+        state.position = stream.position if stream is not None else state.position
+        state.optimizer = LocalTrainingState.capture(optimiser) if config["optimizer-state"] == "keep" else {}
+        state.trained_round = server_round
+        if context is not None:
+            state.save(context)
+        if files is not None:
+            files.write(state)
+    metrics = {"num-examples": float(len(y)), "train-loss": float(result["train_loss"]),
+               "local-steps": float(result["steps"])}
     return weight_layout.flatten(model), buffer_layout.flatten(model), metrics
 
 

@@ -16,7 +16,7 @@ def train(content: RecordDict, context: Context, config: Mapping[str, Any], part
     weight_layout, buffer_layout = task.layouts(config)
     weights = read_vector(content, "weights", weight_layout.numel)
     buffers = read_buffers(content, buffer_layout.numel)
-    weights, buffers, metrics = train_locally(config, partition_id, weights, buffers)
+    weights, buffers, metrics = train_locally(config, partition_id, weights, buffers, context=context)
     reply = model_content(weights, buffers)
     reply["metrics"] = MetricRecord(metrics)
     return reply

@@ -30,5 +30,8 @@ def train(msg: Message, context: Context) -> Message:
     received = dict(msg.content["config"])
     config = resolve({key: received[key] for key in CLIENT_KEYS})
     config["server-round"] = int(received["server-round"])
+    # Where a client that keeps local-training state writes its copies for resumed runs (clients/common.py).
+    config["run-token"] = str(received.get("run-token", ""))
+    config["client-state-dir"] = str(received.get("client-state-dir", ""))
     content = client_handler(config["strategy"])(msg.content, context, config, partition_id(context))
     return Message(content, reply_to=msg)

@@ -13,6 +13,8 @@ from typing import Any, Callable
 
 STRATEGY_NAMES = ("fedavg", "cmd", "apf", "a-apf")
 PARTITION_NAMES = ("iid", "dirichlet", "pathological")
+OPTIMIZER_NAMES = ("sgd", "adam")  # fedcmd.training.make_optimizer
+OPTIMIZER_STATES = ("reset", "keep")
 
 
 class ConfigError(ValueError):
@@ -41,10 +43,18 @@ SCHEMA: dict[str, tuple[type, Any, Callable[[Any], bool] | None, str]] = {
     "num-clients": (int, 10, _positive, "a positive integer"),
     "fraction-train": (float, 1.0, _fraction, "in (0, 1]"),
     "local-epochs": (int, 1, _positive, "a positive integer"),
+    # Optimizer steps per round from a client's persistent batch stream; 0: `local-epochs` epochs.
+    "local-steps": (int, 0, _non_negative, "a non-negative integer (0: use local-epochs)"),
     "batch-size": (int, 32, _positive, "a positive integer"),
     "lr": (float, 0.05, _positive, "positive"),
     "momentum": (float, 0.0, lambda v: 0 <= v < 1, "in [0, 1)"),
     "weight-decay": (float, 0.0, _non_negative, "non-negative"),
+    "optimizer": (str, "sgd", _one_of(OPTIMIZER_NAMES), f"one of {', '.join(OPTIMIZER_NAMES)}"),
+    "adam-beta1": (float, 0.9, lambda v: 0 <= v < 1, "in [0, 1)"),
+    "adam-beta2": (float, 0.999, lambda v: 0 <= v < 1, "in [0, 1)"),
+    "adam-eps": (float, 1e-8, _positive, "positive"),
+    # keep: each client's optimizer state (momentum, Adam moments) lives on in its node across rounds.
+    "optimizer-state": (str, "reset", _one_of(OPTIMIZER_STATES), f"one of {', '.join(OPTIMIZER_STATES)}"),
     "seed": (int, 0, _non_negative, "a non-negative integer"),
     "data-seed": (int, 0, _non_negative, "a non-negative integer"),
     "dataset": (str, "fashion-mnist", None, ""),
@@ -59,6 +69,8 @@ SCHEMA: dict[str, tuple[type, Any, Callable[[Any], bool] | None, str]] = {
     "model": (str, "lenet5", None, ""),
     "strategy": (str, "fedavg", _one_of(STRATEGY_NAMES), f"one of {', '.join(STRATEGY_NAMES)}"),
     "round-timeout": (float, 600.0, _positive, "positive (seconds)"),
+    # Central evaluation every k rounds and after the last one.
+    "eval-every": (int, 1, _positive, "a positive integer"),
     # Federated CMD (strategies/cmd.py)
     "cmd-modes": (int, 10, _positive, "a positive integer"),
     "cmd-warmup": (int, 5, _positive, "a positive integer"),
@@ -77,6 +89,11 @@ SCHEMA: dict[str, tuple[type, Any, Callable[[Any], bool] | None, str]] = {
 }
 
 DEFAULTS: dict[str, Any] = {key: spec[1] for key, spec in SCHEMA.items()}
+
+
+def keeps_local_state(config: dict[str, Any]) -> bool:
+    """Whether clients carry local-training state (stream position, optimizer) from round to round."""
+    return config["local-steps"] > 0 or config["optimizer-state"] == "keep"
 
 
 def _coerce(key: str, value: Any) -> Any:

@@ -14,6 +14,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def _cell(value: Any) -> Any:
+    """NaN (a round that was not evaluated, a loss not measured) is written as an empty cell."""
+    return "" if isinstance(value, float) and math.isnan(value) else value
+
+
 def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     columns: list[str] = []
     for row in rows:
@@ -21,7 +26,7 @@ def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     with open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({k: _cell(v) for k, v in row.items()} for row in rows)
 
 
 def read_rows(path: Path) -> list[dict[str, float]]:
@@ -31,10 +36,12 @@ def read_rows(path: Path) -> list[dict[str, float]]:
 
 def plot_run(out: Path, metrics: list[dict[str, Any]], title: str) -> None:
     rounds = [m["round"] for m in metrics]
+    evaluated = [m for m in metrics if not math.isnan(m["accuracy"])]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    axes[0].plot(rounds, [100 * m["accuracy"] for m in metrics], marker=".")
+    axes[0].plot([m["round"] for m in evaluated], [100 * m["accuracy"] for m in evaluated],
+                 marker="." if len(evaluated) <= 60 else None)
     axes[0].set(xlabel="round", ylabel="test accuracy (%)", title="accuracy")
-    axes[1].plot(rounds, [m["mb_cumulative"] for m in metrics], marker=".")
+    axes[1].plot(rounds, [m["mb_cumulative"] for m in metrics], marker="." if len(rounds) <= 60 else None)
     axes[1].set(xlabel="round", ylabel="MB (serialised, up + down)", title="cumulative volume")
     for ax in axes:
         ax.grid(alpha=0.3)
@@ -55,7 +62,7 @@ def write_run_outputs(out: Path, config: dict[str, Any], strategy, metrics: list
     totals = acc.direction_totals()
     floats = totals["floats_up"] + totals["floats_down"]
     trained = [m for m in metrics if m["round"] > 0]
-    best = max(metrics, key=lambda m: m["accuracy"])
+    best = max((m for m in metrics if not math.isnan(m["accuracy"])), key=lambda m: m["accuracy"])
     summary = dict(
         strategy=config["strategy"], seed=config["seed"], data_seed=config["data-seed"],
         dataset=config["dataset"], partition=config["partition"], model=config["model"],

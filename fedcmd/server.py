@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import shutil
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,7 @@ from flwr.serverapp import Grid
 from fedcmd import task
 from fedcmd.accountant import VolumeAccountant, fedavg_floats
 from fedcmd.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from fedcmd.config import to_toml
+from fedcmd.config import keeps_local_state, to_toml
 from fedcmd.data import partition_report, write_partition_report
 from fedcmd.registry import strategy_class
 from fedcmd.report import write_run_outputs
@@ -56,6 +59,11 @@ def discover_nodes(grid: Grid, strategy: FedcmdStrategy, server_round: int, time
         query = next(q for q in queries if q.metadata.dst_node_id == reply.metadata.src_node_id)
         strategy.accountant.record_message(server_round, pid, "down", query)
         strategy.accountant.record_message(server_round, pid, "up", reply)
+
+
+def last_accuracy(metrics: list[dict[str, Any]]) -> float:
+    """Accuracy of the last evaluated round (rounds between `eval-every` evaluations have none)."""
+    return next((m["accuracy"] for m in reversed(metrics) if not math.isnan(m["accuracy"])), float("nan"))
 
 
 def make_strategy(config: dict[str, Any], accountant: VolumeAccountant | None = None) -> FedcmdStrategy:
@@ -96,6 +104,7 @@ def run_experiment(grid: Grid, config: dict[str, Any], out_dir: str | Path, *, p
     parts = task.partitions(config)
     write_partition_report(partition_report(data.train_y.numpy(), parts, data.num_classes), out / "partitions.csv")
 
+    client_state = out / "client-state"
     if resume:
         evaluator = CentralEvaluator(config)
         checkpoint = load_checkpoint(out, config)  # restores the RNG states: after anything that draws
@@ -103,9 +112,12 @@ def run_experiment(grid: Grid, config: dict[str, Any], out_dir: str | Path, *, p
         first_round = checkpoint.server_round + 1
         if progress:
             print(f"[fedcmd] {config['strategy']} on {data}: resuming after round {checkpoint.server_round} "
-                  f"(accuracy {metrics[-1]['accuracy']:.4f})", flush=True)
+                  f"(last accuracy {last_accuracy(metrics):.4f})", flush=True)
     else:
         strategy = make_strategy(config)
+        shutil.rmtree(client_state, ignore_errors=True)  # a new run: no client state of an earlier one
+        if keeps_local_state(config):
+            strategy.run_info["run-token"] = uuid.uuid4().hex
         evaluator = CentralEvaluator(config)
         loss, acc = evaluator(strategy.weights, strategy.buffers)
         metrics = [dict(round=0, accuracy=acc, loss=loss, train_loss=float("nan"), sampled=0, accepted=0,
@@ -114,8 +126,12 @@ def run_experiment(grid: Grid, config: dict[str, Any], out_dir: str | Path, *, p
         if progress:
             print(f"[fedcmd] {config['strategy']} on {data}, {strategy.weights.size} parameters; "
                   f"round 0: accuracy {acc:.4f}", flush=True)
-    timeout = config["round-timeout"]
-    for rnd in range(first_round, config["num-server-rounds"] + 1):
+    if strategy.run_info.get("run-token"):
+        strategy.run_info["client-state-dir"] = str(client_state.resolve())
+    timeout, last = config["round-timeout"], config["num-server-rounds"]
+    rows_seen = len(strategy.accountant.rows)
+    mb = sum(r.wire_bytes for r in strategy.accountant.rows) / 1e6
+    for rnd in range(first_round, last + 1):
         t0 = time.perf_counter()
         discover_nodes(grid, strategy, rnd, timeout)
         t1 = time.perf_counter()
@@ -125,16 +141,20 @@ def run_experiment(grid: Grid, config: dict[str, Any], out_dir: str | Path, *, p
         t3 = time.perf_counter()
         strategy.aggregate_train(rnd, replies)
         t4 = time.perf_counter()
-        loss, acc = evaluator(strategy.weights, strategy.buffers)
+        evaluated = rnd % config["eval-every"] == 0 or rnd == last
+        loss, acc = evaluator(strategy.weights, strategy.buffers) if evaluated else (float("nan"), float("nan"))
+        t5 = time.perf_counter()
         round_log = strategy.rounds[rnd]
-        mb = sum(r["wire_bytes"] for r in strategy.accountant.round_totals().values()) / 1e6
+        rows = strategy.accountant.rows
+        mb += sum(r.wire_bytes for r in rows[rows_seen:]) / 1e6
+        rows_seen = len(rows)
         metrics.append(dict(round=rnd, accuracy=acc, loss=loss, train_loss=round_log.train_loss,
                             sampled=len(round_log.sampled), accepted=len(round_log.accepted),
                             rejected=len(round_log.rejected), mb_cumulative=mb,
                             round_seconds=time.perf_counter() - t0, strategy_seconds=(t2 - t1) + (t4 - t3),
-                            **strategy.round_metrics(rnd)))
-        if progress:
-            print(f"[fedcmd] round {rnd}/{config['num-server-rounds']}: accuracy {acc:.4f}, "
+                            clients_seconds=t3 - t2, eval_seconds=t5 - t4, **strategy.round_metrics(rnd)))
+        if progress and evaluated:
+            print(f"[fedcmd] round {rnd}/{last}: accuracy {acc:.4f}, "
                   f"{len(round_log.accepted)}/{len(round_log.sampled)} replies, {mb:.2f} MB so far, "
                   f"{metrics[-1]['round_seconds']:.1f} s", flush=True)
         save_checkpoint(out, Checkpoint(config, rnd, strategy, metrics, spent + time.perf_counter() - started))

@@ -29,7 +29,8 @@ log = logging.getLogger("fedcmd")
 CLIENT_KEYS = (
     "dataset", "data-dir", "download", "synthetic-train-size", "synthetic-test-size", "synthetic-shape",
     "partition", "dirichlet-alpha", "classes-per-client", "num-clients", "data-seed", "model",
-    "local-epochs", "batch-size", "lr", "momentum", "weight-decay", "seed", "strategy",
+    "local-epochs", "local-steps", "batch-size", "lr", "momentum", "weight-decay", "optimizer", "adam-beta1",
+    "adam-beta2", "adam-eps", "optimizer-state", "seed", "strategy",
     "cmd-embedded-training",
 )
 
@@ -89,6 +90,9 @@ class FedcmdStrategy(Strategy):
         self.node_of: dict[int, int] = {}        # partition id -> Flower node id
         self.partition_of: dict[int, int] = {}   # Flower node id -> partition id
         self.rounds: dict[int, RoundLog] = {}
+        # Set by the server when clients keep local-training state: the run's token and where
+        # clients keep copies of that state for resumed runs (clients/common.py); sent with the config.
+        self.run_info: dict[str, str] = {}
 
     # ----- what subclasses define -------------------------------------------------------------
     def train_content(self, server_round: int, partition_id: int) -> RecordDict:
@@ -136,6 +140,7 @@ class FedcmdStrategy(Strategy):
 
     def client_config(self, server_round: int) -> ConfigRecord:
         values = {key: self.config[key] for key in CLIENT_KEYS}
+        values.update(self.run_info)
         values["server-round"] = server_round
         return ConfigRecord(values)
 

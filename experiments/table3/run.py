@@ -44,15 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="rerun runs that already have a summary.json")
     args = parser.parse_args(argv)
 
-    default_out = "table3" if args.variant == "fmnist" else f"table3-{args.variant}"
+    default_out = {"fmnist": "table3", "apf-regime": "apf-regime"}.get(args.variant, f"table3-{args.variant}")
     out = Path(args.out) if args.out else REPO / "experiments" / "results" / default_out
     configs = out / "configs"
     configs.mkdir(parents=True, exist_ok=True)
     from fedcmd.config import load_config, to_toml
 
     plan = []  # every config is written and validated before the first run starts
-    for method in args.methods:
-        for seed in args.seeds:
+    for seed in args.seeds:  # seed-major: a partial table has every method of the first seeds
+        for method in args.methods:
             name = f"{method}-seed{seed}"
             path = configs / f"{name}.toml"
             path.write_text(to_toml(merged_config(args.variant, method, seed)))
