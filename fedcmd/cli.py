@@ -1,5 +1,5 @@
 """The `fedcmd` command: `fedcmd run CONFIG.toml [--set key=value ...] [--out DIR] [--engine ray|inprocess]`
-`fedcmd compare RUN_DIR ... [--baseline fedavg] [--out DIR]` and
+`fedcmd compare RUN_DIR ... [--baseline fedavg] [--out DIR] [--target PERCENT]` and
 `fedcmd deploy CONFIG.toml --out DIR [--set key=value ...] [--tls] [--auth]`."""
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from fedcmd.compare import CompareError, compare
 
     try:
-        print(compare(args.runs, baseline=args.baseline, out=args.out))
+        target = None if args.target is None else args.target / 100.0
+        print(compare(args.runs, baseline=args.baseline, out=args.out, target=target))
     except CompareError as err:
         print(f"fedcmd compare: error: {err}", file=sys.stderr)
         return 2
@@ -75,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="a run folder (<method>-seed<k>/) or a folder holding run folders")
     compare.add_argument("--baseline", default="fedavg", help="method the volume ratios refer to (default fedavg)")
     compare.add_argument("--out", help="where comparison.md and the plots go (default: the runs' common parent)")
+    compare.add_argument("--target", type=float, metavar="PERCENT",
+                         help="test accuracy (in %%) whose traffic-to-reach is reported "
+                              "(default: the baseline's mean final accuracy minus 0.5 point)")
     compare.set_defaults(func=cmd_compare)
     deploy = sub.add_parser("deploy", help="run one experiment on a local deployment: a SuperLink and one "
                                            "SuperNode per partition on 127.0.0.1, stopped afterwards")

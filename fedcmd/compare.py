@@ -42,6 +42,17 @@ class Run:
     floats: float      # payload, float32 equivalents, both directions
     bytes_up: float    # serialised
     bytes_down: float
+    floats_by_round: dict[int, float]  # payload floats moved in each round
+
+    def to_target(self, target: float) -> tuple[int, float, float] | None:
+        """(round, cumulative serialised bytes, cumulative floats) when the run's test accuracy
+        first reached `target`; None if it never did. Only evaluated rounds count."""
+        for m in self.metrics:
+            if math.isfinite(m["accuracy"]) and m["accuracy"] >= target:
+                rnd = int(m["round"])
+                floats = sum(v for r, v in self.floats_by_round.items() if r <= rnd)
+                return rnd, m["mb_cumulative"] * 1e6, floats
+        return None
 
     @property
     def bytes(self) -> float:
@@ -57,9 +68,11 @@ def load_run(path: Path) -> Run:
     method = match["method"] if match else str(summary.get("strategy", path.name))
     seed = int(summary.get("seed", match["seed"] if match else 0))
     floats, up, down = 0.0, 0.0, 0.0
+    by_round: dict[int, float] = defaultdict(float)
     with open(path / "volume.csv", newline="") as fh:
         for row in csv.DictReader(fh):
             floats += float(row["floats"])
+            by_round[int(row["round"])] += float(row["floats"])
             if row["direction"] == "up":
                 up += float(row["wire_bytes"])
             else:
@@ -67,7 +80,7 @@ def load_run(path: Path) -> Run:
     metrics = read_rows(path / "metrics.csv")
     if not metrics:
         raise CompareError(f"{path / 'metrics.csv'} has no rows")
-    return Run(path, method, seed, summary, metrics, floats, up, down)
+    return Run(path, method, seed, summary, metrics, floats, up, down, dict(by_round))
 
 
 def find_runs(paths: list[str | Path]) -> list[Run]:
@@ -155,6 +168,40 @@ def render(rows: list[dict[str, object]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def default_target(groups: dict[str, list[Run]], baseline: str) -> float:
+    """The baseline's mean final accuracy minus half a point."""
+    return float(np.mean([r.summary["final_accuracy"] for r in groups[baseline]])) - 0.005
+
+
+def target_rows(groups: dict[str, list[Run]], baseline: str, target: float) -> list[dict[str, object]]:
+    """Per method: the traffic each seed needed to first reach `target` (None: never reached)."""
+    base = {r.seed: r.to_target(target) for r in groups[baseline]}
+    rows = []
+    for method, runs in groups.items():
+        hits = {r.seed: r.to_target(target) for r in runs}
+        reached = [h for h in hits.values() if h is not None]
+        ratios = [100.0 * h[1] / base[seed][1] for seed, h in hits.items()
+                  if h is not None and base.get(seed) is not None]
+        rows.append({"method": method, "reached": len(reached), "seeds": len(runs),
+                     "round": [h[0] for h in reached], "mb": [h[1] / 1e6 for h in reached],
+                     "mfloats": [h[2] / 1e6 for h in reached], "bytes_pct": ratios})
+    return rows
+
+
+def render_target(rows: list[dict[str, object]], target: float, baseline: str) -> str:
+    head = (f"| method | seeds reaching {100 * target:.2f}% | first round | MB to target | % of {baseline}'s bytes "
+            "| M floats to target |")
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for row in rows:
+        if not row["reached"]:
+            lines.append(f"| {row['method']} | 0 of {row['seeds']} | not reached | not reached | not reached "
+                         "| not reached |")
+            continue
+        lines.append(f"| {row['method']} | {row['reached']} of {row['seeds']} | {fmt(row['round'], 0)} "
+                     f"| {fmt(row['mb'], 1)} | {fmt(row['bytes_pct'])} | {fmt(row['mfloats'], 2)} |")
+    return "\n".join(lines) + "\n"
+
+
 # ----- plots ------------------------------------------------------------------------------------
 def _curves(runs: list[Run], column: str) -> tuple[np.ndarray, np.ndarray] | None:
     """Rounds present in every run of the group and the (runs x rounds) values of `column`."""
@@ -171,7 +218,7 @@ def _band(ax, x, values, label, color) -> None:
         ax.fill_between(x, values.min(axis=0), values.max(axis=0), color=color, alpha=0.2, lw=0)
 
 
-def plot(groups: dict[str, list[Run]], out: Path) -> list[str]:
+def plot(groups: dict[str, list[Run]], out: Path, target: float | None = None) -> list[str]:
     """Write the comparison plots into `out`; returns their file names."""
     import matplotlib
 
@@ -215,10 +262,20 @@ def plot(groups: dict[str, list[Run]], out: Path) -> list[str]:
         return draw
 
     def accuracy_vs_mb(ax):
+        # Log x: methods differ by factors in traffic. The y-axis starts where the methods part
+        # (a few points below the lowest final accuracy), not at the first round's 10%.
+        finals, tops = [], []
         for method, runs in groups.items():
-            _, acc = _curves(runs, "accuracy")
+            rounds, acc = _curves(runs, "accuracy")
             _, mb = _curves(runs, "mb_cumulative")
-            _band(ax, mb.mean(axis=0), 100 * acc, method, colors[method])
+            keep = np.isfinite(acc).all(axis=0) & (rounds > 0)
+            _band(ax, mb.mean(axis=0)[keep], 100 * acc[:, keep], method, colors[method])
+            finals.append(100 * acc[:, keep][:, -1].min())
+            tops.append(100 * np.nanmax(acc))
+        ax.set_xscale("log")
+        if target is not None:
+            ax.axhline(100 * target, color="grey", ls="--", lw=0.8, label=f"target {100 * target:.2f}%")
+        ax.set_ylim(min(finals) - 4.0, max(tops) + 0.5)
         return True
 
     band = "mean over seeds, band: min-max"
@@ -226,24 +283,31 @@ def plot(groups: dict[str, list[Run]], out: Path) -> list[str]:
            per_round("accuracy", 100.0))
     figure("mb_vs_round.png", "round", "cumulative traffic (MB, serialised, up + down)",
            f"Communication volume ({band})", per_round("mb_cumulative", 1.0))
-    figure("accuracy_vs_mb.png", "cumulative traffic (MB, serialised, up + down; mean over seeds)",
+    figure("accuracy_vs_mb.png", "cumulative traffic (MB, serialised, up + down; mean over seeds; log scale)",
            "test accuracy (%)", f"Accuracy against traffic ({band})", accuracy_vs_mb)
     figure("fraction_vs_round.png", "round", "share of weights (%)",
            "Frozen (APF) or embedded (CMD) weights, per round", per_round(FRACTION_COLUMNS, 100.0))
     return written
 
 
-def compare(paths: list[str | Path], baseline: str = "fedavg", out: str | Path | None = None) -> str:
-    """Compare the runs under `paths`; writes comparison.md and plots into `out`, returns the Markdown."""
+def compare(paths: list[str | Path], baseline: str = "fedavg", out: str | Path | None = None,
+            target: float | None = None) -> str:
+    """Compare the runs under `paths`; writes comparison.md and plots into `out`, returns the Markdown.
+
+    `target` (a fraction) is the accuracy whose traffic-to-reach the second table reports; by
+    default the baseline's mean final accuracy minus 0.5 point.
+    """
     runs = find_runs(paths)
     groups = group(runs, baseline)
+    default = target is None
+    target = default_target(groups, baseline) if default else target
     if out is None:
         parents = {r.path.resolve().parent for r in runs}
         out = parents.pop() if len(parents) == 1 else Path.cwd()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = table_rows(groups, baseline)
-    images = plot(groups, out)
+    images = plot(groups, out, target)
     first = next(iter(groups.values()))[0].summary
     text = "\n".join([
         "# Comparison",
@@ -259,6 +323,13 @@ def compare(paths: list[str | Path], baseline: str = "fedavg", out: str | Path |
         "- volume % (paper-style): the strategy's own count (`paper_volume_ratio`), which leaves out masks, "
         "catch-up and metadata; – where the strategy has none.",
         "- MB: serialised, 10^6 bytes, all rounds. Accuracy: central test set, final and best round.",
+        "",
+        f"Traffic to first reach {100 * target:.2f}% test accuracy"
+        + (f" ({baseline}'s mean final accuracy minus 0.5 point)" if default else "") + ":",
+        "",
+        render_target(target_rows(groups, baseline, target), target, baseline),
+        f"- Only evaluated rounds count (`eval-every`); MB and floats are cumulative up to and including that "
+        f"round; % of {baseline}'s bytes pairs runs of the same seed where both reached the target.",
         "",
         *[f"![{name}]({name})" for name in images],
         "",

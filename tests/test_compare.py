@@ -47,6 +47,8 @@ def runs(tmp_path):
 
 
 def table_lines(text):
+    """The rows of the first table (volume and accuracy), by method."""
+    text = text.split("Traffic to first reach")[0]
     return {line.split(" | ")[0].strip("| "): [cell.strip() for cell in line.strip("|").split("|")]
             for line in text.splitlines() if line.startswith("| ") and "---" not in line}
 
@@ -92,3 +94,19 @@ def test_missing_baseline_is_a_clear_error(runs):
         compare([runs])
     with pytest.raises(CompareError, match="neither a run folder"):
         compare([runs.parent])
+
+
+def test_traffic_to_target_accuracy(runs, capsys):
+    # Default target: fedavg's mean final accuracy (80%, 60%) minus 0.5 point = 69.5%.
+    text = compare([runs])
+    assert "first reach 69.50% test accuracy (fedavg's mean final accuracy minus 0.5 point)" in text
+    target = {line.split(" | ")[0].strip("| "): [c.strip() for c in line.strip("|").split("|")]
+              for line in text.split("Traffic to first reach")[1].splitlines() if line.startswith("| ")}
+    # fedavg reaches 70% in round 2 with both seeds: 2/3 of 4 MB; apf in round 3: 2.4 and 2.8 MB,
+    # i.e. 90% and 105% of fedavg's bytes of the same seed.
+    assert target["fedavg"][1:5] == ["2 of 2", "2 ± 0", "2.7 ± 0.0", "100.0 ± 0.0"]
+    assert target["apf"][1:5] == ["2 of 2", "3 ± 0", "2.6 ± 0.3", "97.5 ± 10.6"]
+    # A target nobody reaches says so instead of a number.
+    assert main(["compare", str(runs), "--target", "95"]) == 0
+    out = capsys.readouterr().out
+    assert "| apf | 0 of 2 | not reached |" in out and "first reach 95.00% test accuracy:" in out
