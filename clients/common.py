@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -151,7 +152,8 @@ def train_locally(config: Mapping[str, Any], partition_id: int, weights: np.ndar
     model, weight_layout, buffer_layout = local_model(config)
     weight_layout.load(model, weights)
     buffer_layout.load(model, buffers)
-    x, y = task.client_data(config, partition_id)
+    data = task.dataset(config)
+    index = task.client_index(config, partition_id)
     server_round = int(config["server-round"])
     stateful = keeps_local_state(config)
     files = _state_files(config, context, partition_id) if stateful else None
@@ -164,13 +166,16 @@ def train_locally(config: Mapping[str, Any], partition_id: int, weights: np.ndar
     if state is not None and config["optimizer-state"] == "keep":
         state.restore(optimiser)
     if config["local-steps"] > 0:
-        stream = BatchStream(len(y), config["batch-size"], config["seed"], partition_id, *state.position)
+        stream = BatchStream(len(index), config["batch-size"], config["seed"], partition_id, *state.position)
         batches = stream.take(config["local-steps"])
     else:
         stream = None
-        batches = epoch_batches(len(y), config["batch-size"], config["local-epochs"],
+        batches = epoch_batches(len(index), config["batch-size"], config["local-epochs"],
                                 local_seed(config["seed"], server_round, partition_id))
-    result = run_steps(model, x, y, batches, optimiser, step_hook)
+    # batches hold positions within the partition; training reads those samples from the shared set
+    started = time.perf_counter()
+    result = run_steps(model, data.train_x, data.train_y, (index[b] for b in batches), optimiser, step_hook)
+    seconds = time.perf_counter() - started
     if state is not None:
         state.position = stream.position if stream is not None else state.position
         state.optimizer = LocalTrainingState.capture(optimiser) if config["optimizer-state"] == "keep" else {}
@@ -179,8 +184,8 @@ def train_locally(config: Mapping[str, Any], partition_id: int, weights: np.ndar
             state.save(context)
         if files is not None:
             files.write(state)
-    metrics = {"num-examples": float(len(y)), "train-loss": float(result["train_loss"]),
-               "local-steps": float(result["steps"])}
+    metrics = {"num-examples": float(len(index)), "train-loss": float(result["train_loss"]),
+               "local-steps": float(result["steps"]), "train-seconds": seconds}
     return weight_layout.flatten(model), buffer_layout.flatten(model), metrics
 
 

@@ -152,12 +152,17 @@ def run_experiment(grid: Grid, config: dict[str, Any], out_dir: str | Path, *, p
                             sampled=len(round_log.sampled), accepted=len(round_log.accepted),
                             rejected=len(round_log.rejected), mb_cumulative=mb,
                             round_seconds=time.perf_counter() - t0, strategy_seconds=(t2 - t1) + (t4 - t3),
-                            clients_seconds=t3 - t2, eval_seconds=t5 - t4, **strategy.round_metrics(rnd)))
+                            clients_seconds=t3 - t2, client_train_seconds=round_log.train_seconds,
+                            eval_seconds=t5 - t4, **strategy.round_metrics(rnd)))
         if progress and evaluated:
             print(f"[fedcmd] round {rnd}/{last}: accuracy {acc:.4f}, "
                   f"{len(round_log.accepted)}/{len(round_log.sampled)} replies, {mb:.2f} MB so far, "
                   f"{metrics[-1]['round_seconds']:.1f} s", flush=True)
+        t6 = time.perf_counter()
         save_checkpoint(out, Checkpoint(config, rnd, strategy, metrics, spent + time.perf_counter() - started))
+        # the checkpoint is part of the round's cost (it is saved after the row it holds was made)
+        metrics[-1]["checkpoint_seconds"] = time.perf_counter() - t6
+        metrics[-1]["round_seconds"] += metrics[-1]["checkpoint_seconds"]
 
     cohorts = [len(strategy.rounds[r].sampled) for r in range(1, config["num-server-rounds"] + 1)]
     reference = fedavg_floats(strategy.weights.size + strategy.buffers.size, cohorts)

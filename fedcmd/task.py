@@ -51,12 +51,19 @@ def partitions(config: Mapping[str, Any]) -> tuple[np.ndarray, ...]:
     return _partitions(_key(config, DATA_KEYS), _key(config, PARTITION_KEYS))
 
 
-def client_data(config: Mapping[str, Any], partition_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def client_index(config: Mapping[str, Any], partition_id: int) -> torch.Tensor:
+    """Positions of a client's samples in the training set (no copy of the samples themselves:
+    local training indexes the shared tensors batch by batch)."""
     parts = partitions(config)
     if not 0 <= partition_id < len(parts):
         raise ValueError(f"partition-id {partition_id} is outside 0..{len(parts) - 1} (num-clients = {len(parts)})")
+    return torch.from_numpy(parts[partition_id])
+
+
+def client_data(config: Mapping[str, Any], partition_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A copy of a client's samples and labels."""
+    index = client_index(config, partition_id)
     data = dataset(config)
-    index = torch.from_numpy(parts[partition_id])
     return data.train_x[index], data.train_y[index]
 
 

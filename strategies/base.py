@@ -74,6 +74,7 @@ class RoundLog:
     accepted: list[int] = field(default_factory=list)
     rejected: list[tuple[int, str]] = field(default_factory=list)
     train_loss: float = float("nan")
+    train_seconds: float = 0.0  # sum over accepted replies of the clients' own optimizer-step time
 
 
 class FedcmdStrategy(Strategy):
@@ -189,6 +190,7 @@ class FedcmdStrategy(Strategy):
                 continue
             updates.append((pid, (float(metrics["num-examples"]), update)))
             losses.append(float(metrics.get("train-loss", float("nan"))))
+            log_.train_seconds += float(metrics.get("train-seconds", 0.0))
             log_.accepted.append(pid)
             self.on_reply_accepted(server_round, pid, update)
         for pid in set(log_.sent) - seen:

@@ -41,8 +41,8 @@ def recorder(monkeypatch):
 
     train_locally = clients.apf.train_locally
 
-    def recording_train_locally(config, partition_id, weights, buffers, step_hook=None):
-        out = train_locally(config, partition_id, weights, buffers, step_hook=step_hook)
+    def recording_train_locally(config, partition_id, weights, buffers, step_hook=None, **kwargs):
+        out = train_locally(config, partition_id, weights, buffers, step_hook=step_hook, **kwargs)
         client[(config["server-round"], partition_id)] = (weights.copy(), out[0].copy())
         return out
 

@@ -136,9 +136,9 @@ def test_cmd_rejects_bad_replies_and_the_clients_catch_up(cmd_config, tmp_path, 
 
     original_local = cmd_client.train_locally
 
-    def train_locally(config, partition_id, weights, buffers, step_hook=None):
+    def train_locally(config, partition_id, weights, buffers, step_hook=None, **kwargs):
         held.append((config["server-round"], partition_id, weights.copy()))
-        return original_local(config, partition_id, weights, buffers, step_hook)
+        return original_local(config, partition_id, weights, buffers, step_hook, **kwargs)
 
     monkeypatch.setattr(CMD, "_advance_cmd", advance)
     monkeypatch.setattr(CMD, "configure_train", configure)

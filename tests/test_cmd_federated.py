@@ -27,9 +27,9 @@ class Recorder:
         self.held, self.server = [], {}
         original = cmd_client.train_locally
 
-        def spy(config, partition_id, weights, buffers, step_hook=None):
+        def spy(config, partition_id, weights, buffers, step_hook=None, **kwargs):
             self.held.append((config["server-round"], partition_id, weights.copy()))
-            return original(config, partition_id, weights, buffers, step_hook)
+            return original(config, partition_id, weights, buffers, step_hook, **kwargs)
 
         monkeypatch.setattr(cmd_client, "train_locally", spy)
 

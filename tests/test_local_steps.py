@@ -10,6 +10,7 @@ import torch
 
 import clients.common as common
 from clients.common import LocalTrainingState
+from fedcmd import task
 from fedcmd.client_app import app as client_app
 from fedcmd.config import ConfigError, resolve
 from fedcmd.engine import LocalGrid, run_inprocess
@@ -99,9 +100,10 @@ def test_exactly_k_steps_per_round_and_the_stream_continues_across_rounds(config
         rounds = [spy.batches[(r, pid)] for r in range(1, 5)]
         assert [len(b) for b in rounds] == [7] * 4  # exactly local-steps optimizer steps
         assert all(len(batch) == 16 for b in rounds for batch in b)
-        drawn = torch.cat([batch for b in rounds for batch in b])
+        drawn = torch.cat([batch for b in rounds for batch in b])  # positions in the training set
         # one stream across the rounds: exactly the sequence a single stream draws, no restart per round
-        assert torch.equal(drawn, torch.cat(list(BatchStream(n, 16, config["seed"], pid).take(28))))
+        stream = torch.cat(list(BatchStream(n, 16, config["seed"], pid).take(28)))
+        assert torch.equal(drawn, task.client_index(config, pid)[stream])
         for p in range(len(drawn) // n):
             assert len(set(drawn[p * n:(p + 1) * n].tolist())) == n  # no sample twice within a pass
 

@@ -109,9 +109,9 @@ def replay(config: dict, deployed: Path, out: Path) -> tuple[dict, float, dict]:
         sent[rnd] = strategy.weights.copy()
         return original_configure(strategy, rnd, *args)
 
-    def train_locally(cfg, pid, weights, buffers, step_hook=None):
+    def train_locally(cfg, pid, weights, buffers, step_hook=None, **kwargs):
         gaps.append(float(np.abs(weights - sent[cfg["server-round"]]).max()))
-        return original_local(cfg, pid, weights, buffers, step_hook)
+        return original_local(cfg, pid, weights, buffers, step_hook, **kwargs)
 
     server.discover_nodes, CMD.configure_train, cmd_client.train_locally = discover, configure, train_locally
     try:

@@ -13,8 +13,11 @@ plots go to `<out>/comparison.md` and `<out>/*.png`.
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -42,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key in every run (repeatable)")
     parser.add_argument("--force", action="store_true", help="rerun runs that already have a summary.json")
+    parser.add_argument("--quiet", action="store_true",
+                        help="one line per run (its progress goes to <run>/run.log), then the table")
     args = parser.parse_args(argv)
 
     default_out = {"fmnist": "table3", "apf-regime": "apf-regime"}.get(args.variant, f"table3-{args.variant}")
@@ -64,10 +69,25 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[table3] {name}: done already, skipped ({run_dir}/summary.json)", flush=True)
             continue
         command = [sys.executable, "-m", "fedcmd.cli", "run", str(path), "--out", str(run_dir), "--engine", args.engine]
+        if args.force:
+            shutil.rmtree(run_dir, ignore_errors=True)
         print(f"[table3] {name}: {' '.join(command)}", flush=True)
-        if subprocess.run(command, cwd=REPO).returncode != 0:
-            print(f"[table3] {name} failed; stopping (finished runs are kept, rerun to resume)", file=sys.stderr)
+        started = time.perf_counter()
+        if args.quiet:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            with open(run_dir.parent / f"{name}.log", "w") as log:
+                code = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
+        else:
+            code = subprocess.run(command, cwd=REPO).returncode
+        if code != 0:
+            where = f" (log: {run_dir.parent / f'{name}.log'})" if args.quiet else ""
+            print(f"[table3] {name} failed{where}; stopping (finished runs are kept, rerun to resume)", file=sys.stderr)
             return 1
+        if args.quiet:
+            summary = json.loads((run_dir / "summary.json").read_text())
+            print(f"[table3] {name}: {time.perf_counter() - started:.0f} s, final accuracy "
+                  f"{100 * summary['final_accuracy']:.2f}%, {summary['volume_ratio'] * 100:.1f}% of FedAvg's floats",
+                  flush=True)
     from fedcmd.compare import compare
 
     runs = [out / name for name, _ in plan]
