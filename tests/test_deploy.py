@@ -1,6 +1,6 @@
-"""One real deployment on loopback (SuperLink + 2 SuperNodes, TLS and SuperNode authentication on),
-compared with the same config run in process; a node with an unregistered key is refused; every
-process started is stopped. About a minute."""
+"""One real deployment on loopback (SuperLink + 2 SuperNodes, TLS and SuperNode authentication on,
+short rounds of local Adam steps), compared with the same config run in process; a node with an
+unregistered key is refused; every process started is stopped. About a minute."""
 
 import csv
 import json
@@ -41,8 +41,8 @@ def live_group_members(pgid):
 def deployment(tmp_path_factory):
     root = tmp_path_factory.mktemp("deployment")
     config = resolve({"dataset": "synthetic", "synthetic-train-size": 400, "synthetic-test-size": 200,
-                      "num-clients": NODES, "num-server-rounds": 2, "batch-size": 16, "local-epochs": 1,
-                      "lr": 0.05, "momentum": 0.9, "round-timeout": 120.0})
+                      "num-clients": NODES, "num-server-rounds": 2, "batch-size": 16, "local-steps": 4,
+                      "optimizer": "adam", "lr": 0.002, "optimizer-state": "keep", "round-timeout": 120.0})
     result = {"root": root, "config": config}
     with Deployment(root / "deployed" / "deploy", NODES, auth=True) as deployment:
         result["deployment"] = deployment
@@ -68,7 +68,8 @@ def test_deployed_run_matches_the_simulation(deployment):
         assert deployed[key] == simulated[key], key
     for key in ("bytes_up", "bytes_down"):
         assert deployed[key] == pytest.approx(simulated[key], rel=0.01), key
-    # Same computation: same cohorts, same local training, same global models.
+    # Same computation: same cohorts, same local training (each SuperNode continues its batch stream
+    # and keeps its Adam state across rounds, as the in-process nodes do), same global models.
     accuracy = lambda run: [row["accuracy"] for row in read_csv(root / run / "metrics.csv")]
     assert accuracy("deployed") == accuracy("simulated")
     # The SuperLink's own counters of the run's fleet traffic agree with the accountant.
