@@ -63,7 +63,8 @@ def collect() -> list[dict]:
         folder = point_folder(steps)
         if not folder.is_dir():
             continue
-        runs = [r for r in find_runs([folder]) if r.method in METHODS]
+        finished = [p for p in sorted(folder.iterdir()) if (p / "summary.json").is_file()]  # not runs under way
+        runs = [r for r in find_runs(finished) if r.method in METHODS] if finished else []
         try:
             groups = group(runs, "fedavg")
         except Exception as err:  # a point whose baseline has not run yet
