@@ -10,8 +10,9 @@ share outside them is 1 - (sum of those seconds) / (sum of round seconds), round
 one-off imports). A round's seconds cover discovery, building and serialising the messages, the
 clients (loading the model, training, building replies), aggregation, accounting, evaluation and
 the checkpoint. On Ray clients run side by side in worker processes, so the client seconds are also
-divided by the number of workers busy at once to give the share of wall time. Results go to
-experiments/benchmarks/results/short_rounds.json.
+divided by the number of workers busy at once to give the share of wall time. Ray starts its
+worker processes at niceness 15: on a machine busy with other work they get the leftovers, so
+measure Ray on an otherwise idle machine. Results go to experiments/benchmarks/results/short_rounds.json.
 """
 
 from __future__ import annotations
@@ -70,11 +71,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--out", default="experiments/benchmarks/results/short_rounds.json")
     args = parser.parse_args()
-    results = []
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # measurements are merged into the file by (engine, strategy), so engines can be measured apart
+    results = json.loads(out.read_text())["results"] if out.is_file() else []
     for engine in args.engine or ["inprocess", "ray"]:
         for strategy in args.strategy or ["fedavg", "apf"]:
             result = measure(strategy, engine, args.rounds)
-            results.append(result)
+            result["load_average_after"] = os.getloadavg()
+            results = [r for r in results if (r["engine"], r["strategy"]) != (engine, strategy)] + [result]
+            out.write_text(json.dumps({"cpus": os.cpu_count(), "python": platform.python_version(),
+                                       "torch": torch.__version__, "results": results}, indent=2) + "\n")
             per = result["per_round_seconds"]
             print(f"{engine:9s} {strategy:6s}: round {per['round_seconds']:.3f} s, optimizer steps "
                   f"{per['client_train_seconds']:.3f} s (summed over clients), outside them "
@@ -83,10 +90,6 @@ def main() -> None:
                      f"{result['parallel_workers']} workers)" if engine == "ray" else "")
                   + "; per round: " + ", ".join(f"{k} {v:.3f}" for k, v in per.items() if k != "round_seconds"),
                   flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-                               "load_average_at_end": os.getloadavg(), "results": results}, indent=2) + "\n")
     print(f"written {out}")
 
 
