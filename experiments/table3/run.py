@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -31,6 +32,31 @@ def merged_config(variant: str, method: str, seed: int) -> dict:
     values.update(tomllib.loads((HERE / variant / f"{method}.toml").read_text()))
     values["seed"] = seed
     return values
+
+
+def run_one(args: argparse.Namespace, name: str, path: Path, run_dir: Path) -> int:
+    """Run one config in its own `fedcmd run` process; 0 when it finished."""
+    command = [sys.executable, "-m", "fedcmd.cli", "run", str(path), "--out", str(run_dir), "--engine", args.engine]
+    if args.force:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    print(f"[table3] {name}: {' '.join(command)}", flush=True)
+    started = time.perf_counter()
+    if args.quiet:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir.parent / f"{name}.log", "w") as log:
+            code = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
+    else:
+        code = subprocess.run(command, cwd=REPO).returncode
+    if code != 0:
+        where = f" (log: {run_dir.parent / f'{name}.log'})" if args.quiet else ""
+        print(f"[table3] {name} failed{where}; stopping (finished runs are kept, rerun to resume)", file=sys.stderr)
+        return 1
+    if args.quiet:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        print(f"[table3] {name}: {time.perf_counter() - started:.0f} s, final accuracy "
+              f"{100 * summary['final_accuracy']:.2f}%, {summary['volume_ratio'] * 100:.1f}% of FedAvg's floats",
+              flush=True)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,31 +94,27 @@ def main(argv: list[str] | None = None) -> int:
         if (run_dir / "summary.json").is_file() and not args.force:
             print(f"[table3] {name}: done already, skipped ({run_dir}/summary.json)", flush=True)
             continue
-        command = [sys.executable, "-m", "fedcmd.cli", "run", str(path), "--out", str(run_dir), "--engine", args.engine]
-        if args.force:
-            shutil.rmtree(run_dir, ignore_errors=True)
-        print(f"[table3] {name}: {' '.join(command)}", flush=True)
-        started = time.perf_counter()
-        if args.quiet:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            with open(run_dir.parent / f"{name}.log", "w") as log:
-                code = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
-        else:
-            code = subprocess.run(command, cwd=REPO).returncode
+        lock = out / f"{name}.lock"  # two runners on one table (one per core) never take the same run
+        try:
+            os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            print(f"[table3] {name}: under way in another process, skipped (delete {lock} if none is)", flush=True)
+            continue
+        try:
+            code = run_one(args, name, path, run_dir)
+        finally:
+            lock.unlink(missing_ok=True)
         if code != 0:
-            where = f" (log: {run_dir.parent / f'{name}.log'})" if args.quiet else ""
-            print(f"[table3] {name} failed{where}; stopping (finished runs are kept, rerun to resume)", file=sys.stderr)
             return 1
-        if args.quiet:
-            summary = json.loads((run_dir / "summary.json").read_text())
-            print(f"[table3] {name}: {time.perf_counter() - started:.0f} s, final accuracy "
-                  f"{100 * summary['final_accuracy']:.2f}%, {summary['volume_ratio'] * 100:.1f}% of FedAvg's floats",
-                  flush=True)
     from fedcmd.compare import compare
 
     runs = [out / name for name, _ in plan]
     if "fedavg" not in args.methods:  # compare with the baseline runs already in `out`
         runs += [out / f"fedavg-seed{seed}" for seed in args.seeds if (out / f"fedavg-seed{seed}").is_dir()]
+    pending = [run.name for run in runs if not (run / "summary.json").is_file()]
+    if pending:  # taken by another runner: the table waits for them
+        print(f"[table3] not compared yet: {', '.join(pending)} still under way", flush=True)
+        return 0
     print(compare(runs, baseline="fedavg", out=out))
     print(f"[table3] table: {out / 'comparison.md'}; plots: {out}/*.png", flush=True)
     return 0
