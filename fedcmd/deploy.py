@@ -77,6 +77,40 @@ def flower_bin(name: str) -> str:
     return str(path)
 
 
+def live_group_members(pgid: int) -> list[int]:
+    """PIDs of the processes of group `pgid` that are not zombies (read from /proc)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            # /proc/PID/stat: "pid (comm) state ppid pgrp ..."; comm may hold spaces, so split after ')'.
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def stop_process_groups(pgids: list[int], *, grace: float = 10.0, sig: int = signal.SIGTERM) -> None:
+    """Send `sig` to each process group, wait up to `grace` seconds until none has a live member, then
+    SIGKILL what is left. The processes need not be children of this one."""
+    def signal_group(pgid: int, signum: int) -> None:
+        try:
+            os.killpg(pgid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    for pgid in pgids:
+        signal_group(pgid, sig)
+    deadline = time.monotonic() + grace
+    while any(live_group_members(pgid) for pgid in pgids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pgid in pgids:
+        signal_group(pgid, signal.SIGKILL)
+
+
 # ----- credentials -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Credentials:
@@ -358,25 +392,9 @@ class Deployment:
     # ----- stopping --------------------------------------------------------------------------
     @staticmethod
     def _stop(procs: list[subprocess.Popen], grace: float = 10.0, sig: int = signal.SIGTERM) -> None:
-        """Signal each process's group, wait up to `grace` seconds for all, then SIGKILL what is left
-        of each group (a ClientApp process mid-round may outlive its SuperNode)."""
+        """Stop each process with its group (a ClientApp process mid-round may outlive its SuperNode)."""
+        stop_process_groups([proc.pid for proc in procs], grace=grace, sig=sig)
         for proc in procs:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, sig)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + grace
-        for proc in procs:
-            try:
-                proc.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        for proc in procs:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
             if proc.poll() is None:
                 proc.wait(5)
 

@@ -5,12 +5,11 @@ process started is stopped. About a minute."""
 import csv
 import json
 import os
-from pathlib import Path
 
 import pytest
 
 from fedcmd.config import resolve
-from fedcmd.deploy import Deployment, make_node_key
+from fedcmd.deploy import Deployment, live_group_members, make_node_key
 from fedcmd.engine import run_inprocess
 
 NODES = 2
@@ -19,22 +18,6 @@ NODES = 2
 def read_csv(path):
     with open(path) as fh:
         return list(csv.DictReader(fh))
-
-
-def live_group_members(pgid):
-    """Processes of group `pgid` that are not zombies."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            # /proc/PID/stat: "pid (comm) state ppid pgrp ..."; comm may hold spaces, so split after ')'.
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(entry.name))
-    return members
 
 
 @pytest.fixture(scope="module")
