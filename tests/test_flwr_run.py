@@ -1,0 +1,94 @@
+"""`flwr run .` end to end, as the README tells a user to run it, from a clean copy of the repository:
+Flower's default local simulation (2 SuperNodes), 2 rounds on synthetic data, outputs in the default
+folder under runs/; then `python -m fedcmd.local_superlink stop`, after which no process the run
+started is left. About 45 s."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+from fedcmd.deploy import free_port, stop_process_groups
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_CONFIG = "num-server-rounds=2 num-clients=2 dataset='synthetic' model='mlp'"
+TAG = "FEDCMD_TEST_FLWR_RUN"
+
+
+def clean_copy(dest: Path) -> Path:
+    """The repository's files as a fresh clone of this working tree would have them (no venv, no runs)."""
+    listed = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            capture_output=True, check=True, timeout=60).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        if (ROOT / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+    return dest
+
+
+def tagged_processes(value: str) -> dict[int, tuple[int, str]]:
+    """Live processes whose environment holds TAG=value (what this test started, and their children):
+    pid -> (process group, command line)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if f"{TAG}={value}".encode() not in (entry / "environ").read_bytes().split(b"\0"):
+                continue
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            found[int(entry.name)] = (int(fields[2]), cmdline)
+    return found
+
+
+def names(processes: dict[int, tuple[int, str]]) -> set[str]:
+    return {Path(word).name for _, cmd in processes.values() for word in cmd.split()[:2]}
+
+
+def test_flwr_run_from_a_clean_copy_writes_the_outputs_and_leaves_nothing_running(tmp_path):
+    repo = clean_copy(tmp_path / "fedcmd")
+    tag = uuid.uuid4().hex
+    http_port = free_port()
+    control_port = next(p for p in iter(free_port, None) if p != http_port)
+    env = dict(os.environ)
+    # The README's set-up for a plain `flwr run .`: the venv's scripts on PATH, a Flower home in the
+    # checkout, no runtime dependency installation; free ports so no other local SuperLink is used.
+    env.update({"PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+                "FLWR_HOME": str(repo / ".flwr"), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+                "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+                "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
+                "FLWR_LOCAL_CONTROL_API_PORT": str(control_port), TAG: tag})
+    try:
+        run = subprocess.run(["flwr", "run", ".", "--stream", "--run-config", RUN_CONFIG], cwd=repo, env=env,
+                             capture_output=True, text=True, timeout=600)
+        left_by_flwr = tagged_processes(tag)
+        stop = subprocess.run([sys.executable, "-m", "fedcmd.local_superlink", "stop"], cwd=repo, env=env,
+                              capture_output=True, text=True, timeout=60)
+        after_stop = tagged_processes(tag)
+    finally:
+        stop_process_groups(sorted({pgid for pgid, _ in tagged_processes(tag).values()}), grace=5.0)
+
+    log = run.stdout + run.stderr
+    assert "Successfully started run" in log, log
+    assert "Installing application dependencies" not in log
+    out = repo / "runs" / "flwr" / "fedavg-seed0"  # the ServerApp's default out-dir
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["rounds"], summary["num_clients"], summary["dataset"], summary["model"]) == (2, 2, "synthetic", "mlp")
+    assert summary["replies_rejected"] == 0 and summary["volume_ratio"] == 1.0
+    with open(out / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["round"]) for r in rows] == [0, 1, 2] and [int(r["accepted"]) for r in rows[1:]] == [2, 2]
+    for name in ("config.toml", "volume.csv", "partitions.csv", "rejections.csv", "run.png"):
+        assert (out / name).stat().st_size > 0, name
+    # Flower leaves its SuperLink running; the stop command ends it and everything it spawned.
+    assert "flower-superlink" in names(left_by_flwr), left_by_flwr
+    assert stop.returncode == 0 and "stopped the local SuperLink" in stop.stdout, stop.stdout + stop.stderr
+    assert after_stop == {}, after_stop
