@@ -151,6 +151,8 @@ def flwr_run(options: list[str], *, project: Path = PROJECT, env: dict[str, str]
     """`flwr run PROJECT --stream OPTIONS` on a fresh local SuperLink, stopped afterwards; `flwr`'s exit code."""
     env = flwr_run_env(env)
     home, port = flower_home(env), local_port(env)
+    if "FLWR_HOME" in env:
+        env["FLWR_HOME"] = str(home)  # `flwr` runs in `project`: a relative one would mean another folder
     stop_local_superlinks(home)
     if _port_answers(port):
         others = [f"PID {link.pid} (FLWR_HOME {link.home})" for link in local_superlinks() if link.port == port]
