@@ -111,6 +111,20 @@ def stop_process_groups(pgids: list[int], *, grace: float = 10.0, sig: int = sig
         signal_group(pgid, signal.SIGKILL)
 
 
+def flwr_json(args: tuple[str, ...] | list[str], *, env: dict[str, str], cwd: Path,
+              timeout: float = 120) -> dict[str, Any]:
+    """Run a `flwr` CLI command with `--format json`; returns its JSON, or raises if it did not succeed."""
+    done = subprocess.run([flower_bin("flwr"), *args, "--format", "json"], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=timeout)
+    try:
+        answer, _ = json.JSONDecoder().raw_decode(done.stdout[done.stdout.index("{"):])
+    except ValueError:
+        answer = {}
+    if not answer.get("success"):
+        raise DeploymentError(f"flwr {' '.join(args)} failed: {done.stdout}{done.stderr}".strip())
+    return answer
+
+
 # ----- credentials -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Credentials:
@@ -283,15 +297,7 @@ class Deployment:
 
     def flwr(self, *args: str, timeout: float = 120) -> dict[str, Any]:
         """Run a `flwr` CLI command (with `--format json`) against this deployment; returns its JSON."""
-        done = subprocess.run([flower_bin("flwr"), *args, "--format", "json"], capture_output=True, text=True,
-                              env=self.env(), cwd=self.folder, timeout=timeout)
-        try:
-            answer, _ = json.JSONDecoder().raw_decode(done.stdout[done.stdout.index("{"):])
-        except ValueError:
-            answer = {}
-        if not answer.get("success"):
-            raise DeploymentError(f"flwr {' '.join(args)} failed: {done.stdout}{done.stderr}".strip())
-        return answer
+        return flwr_json(args, env=self.env(), cwd=self.folder, timeout=timeout)
 
     # ----- starting --------------------------------------------------------------------------
     def start(self, *, wait_seconds: float = 90) -> "Deployment":

@@ -21,21 +21,25 @@ Decisions:
 - `run` stops this FLWR_HOME's SuperLink before the run (one started earlier by a plain `flwr run .`
   may install dependencies, and its working directory, where relative `out-dir`s land, may be
   another) and after it, so it leaves nothing running. It refuses to start when another FLWR_HOME's
-  SuperLink holds the port: `flwr run` would submit the run there.
+  SuperLink holds the port: `flwr run` would submit the run there. Its exit status is the run's:
+  0 only if the SuperLink records it `finished:completed` (`flwr run --stream` exits 0 either way).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedcmd.deploy import LOOPBACK, PROJECT, DeploymentError, flower_bin, stop_process_groups
+from fedcmd.deploy import LOOPBACK, PROJECT, DeploymentError, flower_bin, flwr_json, stop_process_groups
 
 DEFAULT_PORT = 39091  # Flower's LOCAL_SUPERLINK_HTTP_API_PORT
+STARTED = re.compile(rb"Successfully started run (\d+)")
 
 
 @dataclass(frozen=True)
@@ -146,9 +150,12 @@ def _port_answers(port: int) -> bool:
         return sock.connect_ex((LOOPBACK, port)) == 0
 
 
-def flwr_run(options: list[str], *, project: Path = PROJECT, env: dict[str, str] | None = None,
-             timeout: float | None = None) -> int:
-    """`flwr run PROJECT --stream OPTIONS` on a fresh local SuperLink, stopped afterwards; `flwr`'s exit code."""
+def flwr_run(options: list[str], *, project: Path = PROJECT, env: dict[str, str] | None = None) -> int:
+    """`flwr run PROJECT --stream OPTIONS` on a fresh local SuperLink, stopped afterwards.
+
+    Returns 0 if the run finished completed, else 1 with the run's status on stderr: `flwr run
+    --stream` itself exits 0 when the run fails (e.g. the ServerApp raises; Flower logs "Exit Code: 700").
+    """
     env = flwr_run_env(env)
     home, port = flower_home(env), local_port(env)
     if "FLWR_HOME" in env:
@@ -160,11 +167,36 @@ def flwr_run(options: list[str], *, project: Path = PROJECT, env: dict[str, str]
             f"{LOOPBACK}:{port} is taken by {', '.join(others) or 'another process'}: `flwr run` would submit "
             f"the run there. Stop it, or choose free ports with FLWR_LOCAL_SUPERLINK_HTTP_API_PORT and "
             f"FLWR_LOCAL_CONTROL_API_PORT")
+    run_id = None
     try:
-        return subprocess.run([flower_bin("flwr"), "run", str(project), "--stream", *options], env=env,
-                              cwd=project, timeout=timeout).returncode
+        proc = subprocess.Popen([flower_bin("flwr"), "run", str(project), "--stream", *options], env=env,
+                                cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        with proc:
+            for line in proc.stdout:
+                sys.stdout.buffer.write(line)
+                sys.stdout.buffer.flush()
+                if run_id is None and (started := STARTED.search(line)):
+                    run_id = started.group(1).decode()
+        if run_id is None:
+            raise DeploymentError(f"flwr run exited with code {proc.returncode} without starting a run")
+        status = run_status(run_id, env=env, cwd=project)
     finally:
         stop_local_superlinks(home)
+    if status != "finished:completed":
+        print(f"fedcmd local_superlink: run {run_id} ended {status}; see the log above and "
+              f"{home / 'local-superlink' / 'superlink.log'}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_status(run_id: str, *, env: dict[str, str], cwd: Path, wait: float = 30.0) -> str:
+    """The SuperLink's status of a run, once it is `finished:...` (the stream may end a moment before)."""
+    deadline = time.monotonic() + wait
+    while True:
+        status = flwr_json(["ls", "--run-id", run_id], env=env, cwd=cwd)["runs"][0]["status"]
+        if status.startswith("finished") or time.monotonic() > deadline:
+            return status
+        time.sleep(0.5)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,8 @@
 """`flwr run .` end to end, as the README tells a user to run it, from a clean copy of the repository:
 Flower's default local simulation (2 SuperNodes), 2 rounds on synthetic data, outputs in the default
 folder under runs/; then `python -m fedcmd.local_superlink stop`, after which no process the run
-started is left. About 45 s."""
+started is left. And `make flwr-run`'s command on a run that fails: exit status 1, nothing left
+running. Each on free ports with a Flower home of its own. About 45 s + 35 s."""
 
 import csv
 import json
@@ -53,28 +54,38 @@ def names(processes: dict[int, tuple[int, str]]) -> set[str]:
     return {Path(word).name for _, cmd in processes.values() for word in cmd.split()[:2]}
 
 
+def flower_env(repo: Path, tag: str) -> dict[str, str]:
+    """This environment with a Flower home in `repo`, free local-SuperLink ports and the tag."""
+    http_port = free_port()
+    control_port = next(p for p in iter(free_port, None) if p != http_port)
+    return dict(os.environ, FLWR_HOME=str(repo / ".flwr"), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
+                FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(http_port), FLWR_LOCAL_CONTROL_API_PORT=str(control_port),
+                **{TAG: tag})
+
+
+def stop_tagged(tag: str) -> None:
+    """Stop what a failed test left running (its commands run in sessions of their own, never in ours)."""
+    stop_process_groups(sorted({pgid for pgid, _ in tagged_processes(tag).values()} - {os.getpgrp()}), grace=5.0)
+
+
+def run_command(args: list[str], repo: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=600, start_new_session=True)
+
+
 def test_flwr_run_from_a_clean_copy_writes_the_outputs_and_leaves_nothing_running(tmp_path):
     repo = clean_copy(tmp_path / "fedcmd")
     tag = uuid.uuid4().hex
-    http_port = free_port()
-    control_port = next(p for p in iter(free_port, None) if p != http_port)
-    env = dict(os.environ)
-    # The README's set-up for a plain `flwr run .`: the venv's scripts on PATH, a Flower home in the
-    # checkout, no runtime dependency installation; free ports so no other local SuperLink is used.
-    env.update({"PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-                "FLWR_HOME": str(repo / ".flwr"), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-                "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-                "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
-                "FLWR_LOCAL_CONTROL_API_PORT": str(control_port), TAG: tag})
+    env = flower_env(repo, tag)
+    # The README's set-up for a plain `flwr run .`: the venv's scripts on PATH, no runtime dependency installation.
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
     try:
-        run = subprocess.run(["flwr", "run", ".", "--stream", "--run-config", RUN_CONFIG], cwd=repo, env=env,
-                             capture_output=True, text=True, timeout=600)
+        run = run_command(["flwr", "run", ".", "--stream", "--run-config", RUN_CONFIG], repo, env)
         left_by_flwr = tagged_processes(tag)
-        stop = subprocess.run([sys.executable, "-m", "fedcmd.local_superlink", "stop"], cwd=repo, env=env,
-                              capture_output=True, text=True, timeout=60)
+        stop = run_command([sys.executable, "-m", "fedcmd.local_superlink", "stop"], repo, env)
         after_stop = tagged_processes(tag)
     finally:
-        stop_process_groups(sorted({pgid for pgid, _ in tagged_processes(tag).values()}), grace=5.0)
+        stop_tagged(tag)
 
     log = run.stdout + run.stderr
     assert "Successfully started run" in log, log
@@ -92,3 +103,24 @@ def test_flwr_run_from_a_clean_copy_writes_the_outputs_and_leaves_nothing_runnin
     assert "flower-superlink" in names(left_by_flwr), left_by_flwr
     assert stop.returncode == 0 and "stopped the local SuperLink" in stop.stdout, stop.stdout + stop.stderr
     assert after_stop == {}, after_stop
+
+
+def test_make_flwr_run_fails_on_a_failed_run_and_stops_its_superlink(tmp_path):
+    repo = clean_copy(tmp_path / "fedcmd")
+    tag = uuid.uuid4().hex
+    env = flower_env(repo, tag)
+    # Nothing else, and no venv on PATH: the command puts it there and turns installation off itself.
+    venv_bin = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join(d for d in env.get("PATH", "").split(os.pathsep) if d != venv_bin)
+    env.pop("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", None)
+    try:
+        run = run_command([sys.executable, "-m", "fedcmd.local_superlink", "run", "--run-config", "num-clients=0"],
+                          repo, env)
+        after = tagged_processes(tag)
+    finally:
+        stop_tagged(tag)
+    assert "Successfully started run" in run.stdout, run.stdout + run.stderr
+    assert "config key 'num-clients': 0 is not a positive integer" in run.stdout
+    assert "Installing application dependencies" not in run.stdout
+    assert run.returncode == 1 and "ended finished:failed" in run.stderr, run.stderr
+    assert after == {}, after
