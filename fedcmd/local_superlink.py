@@ -17,7 +17,8 @@ Decisions:
   SuperLink runs `uv sync` into a fresh environment for every run (measured: 115 packages to
   download, torch and 18 CUDA packages among them).
 - A SuperLink is found by its command line in /proc: `flower-superlink --simulation` whose log file
-  is under the given FLWR_HOME. It is stopped with its process group (SIGTERM, then SIGKILL).
+  is under the given FLWR_HOME. It is stopped with its process group and the groups of everything it
+  started (SIGTERM, then SIGKILL): flwr-simulation may still be running for a moment after it.
 - `run` stops this FLWR_HOME's SuperLink before the run (one started earlier by a plain `flwr run .`
   may install dependencies, and its working directory, where relative `out-dir`s land, may be
   another) and after it, so it leaves nothing running. It refuses to start when another FLWR_HOME's
