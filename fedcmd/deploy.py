@@ -93,6 +93,23 @@ def live_group_members(pgid: int) -> list[int]:
     return members
 
 
+def descendants(pid: int) -> list[int]:
+    """PIDs of the children of `pid`, their children, and so on (read from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        found.append(todo.pop())
+        todo.extend(children.get(found[-1], []))
+    return found
+
+
 def stop_process_groups(pgids: list[int], *, grace: float = 10.0, sig: int = signal.SIGTERM) -> None:
     """Send `sig` to each process group, wait up to `grace` seconds until none has a live member, then
     SIGKILL what is left. The processes need not be children of this one."""
@@ -398,8 +415,17 @@ class Deployment:
     # ----- stopping --------------------------------------------------------------------------
     @staticmethod
     def _stop(procs: list[subprocess.Popen], grace: float = 10.0, sig: int = signal.SIGTERM) -> None:
-        """Stop each process with its group (a ClientApp process mid-round may outlive its SuperNode)."""
-        stop_process_groups([proc.pid for proc in procs], grace=grace, sig=sig)
+        """Stop each process with its group (a ClientApp process mid-round may outlive its SuperNode) and
+        the groups of its descendants: the SuperLink starts flower-superexec in a session of its own, and
+        the flwr-serverapp processes that one starts do not watch their parent. Found before signalling."""
+        groups = {proc.pid for proc in procs}
+        for proc in procs:
+            for pid in descendants(proc.pid):
+                try:
+                    groups.add(os.getpgid(pid))
+                except ProcessLookupError:
+                    pass
+        stop_process_groups(sorted(groups - {os.getpgrp()}), grace=grace, sig=sig)
         for proc in procs:
             if proc.poll() is None:
                 proc.wait(5)

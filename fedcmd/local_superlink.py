@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedcmd.deploy import LOOPBACK, PROJECT, DeploymentError, flower_bin, flwr_json, stop_process_groups
+from fedcmd.deploy import LOOPBACK, PROJECT, DeploymentError, descendants, flower_bin, flwr_json, stop_process_groups
 
 DEFAULT_PORT = 39091  # Flower's LOCAL_SUPERLINK_HTTP_API_PORT
 STARTED = re.compile(rb"Successfully started run (\d+)")
@@ -108,23 +108,6 @@ def stop_local_superlinks(home: Path, *, grace: float = 10.0) -> list[LocalSuper
         groups |= {pgid for pgid in map(_pgid, descendants(link.pid)) if pgid is not None}
     stop_process_groups(sorted(groups), grace=grace)
     return mine
-
-
-def descendants(pid: int) -> list[int]:
-    """PIDs of the children of `pid`, their children, and so on (read from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], list(children.get(pid, []))
-    while todo:
-        found.append(todo.pop())
-        todo.extend(children.get(found[-1], []))
-    return found
 
 
 def _pgid(pid: int) -> int | None:
