@@ -8,7 +8,7 @@ export FLWR_DISABLE_UPDATE_CHECK = 1
 export RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO = 0
 export MPLBACKEND = Agg
 
-.PHONY: setup data demo test clean-runs
+.PHONY: setup data demo test flwr-run flwr-stop clean-runs
 
 setup: $(VENV)/.installed data
 
@@ -36,6 +36,17 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# `flwr run .` on Flower's local simulation, without runtime dependency installation, on a fresh local
+# SuperLink that is stopped afterwards (README, "flwr run ."). RUN_CONFIG / FEDERATION_CONFIG are passed
+# as --run-config / --federation-config.
+flwr-run: setup
+	$(PY) -m fedcmd.local_superlink run $(if $(RUN_CONFIG),--run-config "$(RUN_CONFIG)") \
+		$(if $(FEDERATION_CONFIG),--federation-config "$(FEDERATION_CONFIG)")
+
+# Stop the local SuperLink that a plain `flwr run .` left running (the one of FLWR_HOME).
+flwr-stop:
+	$(PY) -m fedcmd.local_superlink stop
 
 clean-runs:
 	rm -rf runs

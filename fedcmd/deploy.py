@@ -77,6 +77,71 @@ def flower_bin(name: str) -> str:
     return str(path)
 
 
+def live_group_members(pgid: int) -> list[int]:
+    """PIDs of the processes of group `pgid` that are not zombies (read from /proc)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            # /proc/PID/stat: "pid (comm) state ppid pgrp ..."; comm may hold spaces, so split after ')'.
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def descendants(pid: int) -> list[int]:
+    """PIDs of the children of `pid`, their children, and so on (read from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        found.append(todo.pop())
+        todo.extend(children.get(found[-1], []))
+    return found
+
+
+def stop_process_groups(pgids: list[int], *, grace: float = 10.0, sig: int = signal.SIGTERM) -> None:
+    """Send `sig` to each process group, wait up to `grace` seconds until none has a live member, then
+    SIGKILL what is left. The processes need not be children of this one."""
+    def signal_group(pgid: int, signum: int) -> None:
+        try:
+            os.killpg(pgid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    for pgid in pgids:
+        signal_group(pgid, sig)
+    deadline = time.monotonic() + grace
+    while any(live_group_members(pgid) for pgid in pgids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pgid in pgids:
+        signal_group(pgid, signal.SIGKILL)
+
+
+def flwr_json(args: tuple[str, ...] | list[str], *, env: dict[str, str], cwd: Path,
+              timeout: float = 120) -> dict[str, Any]:
+    """Run a `flwr` CLI command with `--format json`; returns its JSON, or raises if it did not succeed."""
+    done = subprocess.run([flower_bin("flwr"), *args, "--format", "json"], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=timeout)
+    try:
+        answer, _ = json.JSONDecoder().raw_decode(done.stdout[done.stdout.index("{"):])
+    except ValueError:
+        answer = {}
+    if not answer.get("success"):
+        raise DeploymentError(f"flwr {' '.join(args)} failed: {done.stdout}{done.stderr}".strip())
+    return answer
+
+
 # ----- credentials -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Credentials:
@@ -249,15 +314,7 @@ class Deployment:
 
     def flwr(self, *args: str, timeout: float = 120) -> dict[str, Any]:
         """Run a `flwr` CLI command (with `--format json`) against this deployment; returns its JSON."""
-        done = subprocess.run([flower_bin("flwr"), *args, "--format", "json"], capture_output=True, text=True,
-                              env=self.env(), cwd=self.folder, timeout=timeout)
-        try:
-            answer, _ = json.JSONDecoder().raw_decode(done.stdout[done.stdout.index("{"):])
-        except ValueError:
-            answer = {}
-        if not answer.get("success"):
-            raise DeploymentError(f"flwr {' '.join(args)} failed: {done.stdout}{done.stderr}".strip())
-        return answer
+        return flwr_json(args, env=self.env(), cwd=self.folder, timeout=timeout)
 
     # ----- starting --------------------------------------------------------------------------
     def start(self, *, wait_seconds: float = 90) -> "Deployment":
@@ -358,25 +415,18 @@ class Deployment:
     # ----- stopping --------------------------------------------------------------------------
     @staticmethod
     def _stop(procs: list[subprocess.Popen], grace: float = 10.0, sig: int = signal.SIGTERM) -> None:
-        """Signal each process's group, wait up to `grace` seconds for all, then SIGKILL what is left
-        of each group (a ClientApp process mid-round may outlive its SuperNode)."""
+        """Stop each process with its group (a ClientApp process mid-round may outlive its SuperNode) and
+        the groups of its descendants: the SuperLink starts flower-superexec in a session of its own, and
+        the flwr-serverapp processes that one starts do not watch their parent. Found before signalling."""
+        groups = {proc.pid for proc in procs}
         for proc in procs:
-            if proc.poll() is None:
+            for pid in descendants(proc.pid):
                 try:
-                    os.killpg(proc.pid, sig)
+                    groups.add(os.getpgid(pid))
                 except ProcessLookupError:
                     pass
-        deadline = time.monotonic() + grace
+        stop_process_groups(sorted(groups - {os.getpgrp()}), grace=grace, sig=sig)
         for proc in procs:
-            try:
-                proc.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        for proc in procs:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
             if proc.poll() is None:
                 proc.wait(5)
 

@@ -5,12 +5,11 @@ unregistered key is refused; every process started is stopped. About a minute.""
 import csv
 import json
 import os
-from pathlib import Path
 
 import pytest
 
 from fedcmd.config import resolve
-from fedcmd.deploy import Deployment, make_node_key
+from fedcmd.deploy import Deployment, live_group_members, make_node_key
 from fedcmd.engine import run_inprocess
 
 NODES = 2
@@ -19,22 +18,6 @@ NODES = 2
 def read_csv(path):
     with open(path) as fh:
         return list(csv.DictReader(fh))
-
-
-def live_group_members(pgid):
-    """Processes of group `pgid` that are not zombies."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            # /proc/PID/stat: "pid (comm) state ppid pgrp ..."; comm may hold spaces, so split after ')'.
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(entry.name))
-    return members
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +89,27 @@ def test_every_started_process_is_stopped(deployment):
     logs = {p.name for p in deployment["deployment"].folder.iterdir() if p.suffix == ".log"}
     assert {"superlink.log", "flwr-run.log", "supernode-0.log", "supernode-1.log"} <= logs
     assert os.environ.get("FLWR_HOME") != str(deployment["deployment"].home)
+
+
+def test_stop_process_groups_ends_whole_groups_and_kills_what_ignores_sigterm():
+    import subprocess
+    import time
+
+    from fedcmd.deploy import stop_process_groups
+
+    # One group whose leader exits at once, leaving a child that ignores SIGTERM; one plain group.
+    stubborn = subprocess.Popen(["sh", "-c", "trap '' TERM; sleep 60 & exit 0"], start_new_session=True)
+    plain = subprocess.Popen(["sh", "-c", "sleep 60 & sleep 60"], start_new_session=True)
+    try:
+        stubborn.wait(10)
+        deadline = time.monotonic() + 10
+        while len(live_group_members(plain.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert live_group_members(stubborn.pid) and len(live_group_members(plain.pid)) >= 2
+        started = time.monotonic()
+        stop_process_groups([stubborn.pid, plain.pid], grace=1.0)
+        assert live_group_members(stubborn.pid) == [] and live_group_members(plain.pid) == []
+        assert time.monotonic() - started < 5
+    finally:
+        stop_process_groups([stubborn.pid, plain.pid], grace=0.0, sig=9)
+        plain.wait(5)
