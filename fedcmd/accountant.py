@@ -44,6 +44,16 @@ def wire_size(obj) -> int:
     return sum(len(o.deflate()) for o in get_all_nested_objects(obj).values())
 
 
+def _size(array) -> tuple[int, int]:
+    """(values, raw bytes) of an Array; (0, bytes received) for one that does not decode: a
+    malformed reply is still traffic."""
+    try:
+        values = array.numpy()
+    except Exception:  # whatever a client's bytes make numpy raise
+        return 0, len(array.data)
+    return int(values.size), int(values.nbytes)
+
+
 class VolumeAccountant:
     """Rows of measured traffic, with totals per round and per run."""
 
@@ -68,12 +78,11 @@ class VolumeAccountant:
             for key, record in message.content.items():
                 if key not in CATEGORIES or not isinstance(record, ArrayRecord):
                     continue
-                arrays = [array.numpy() for array in record.values()]
                 size = wire_size(record)
                 counted += size
-                self.record(server_round, client, direction, key,
-                            values=sum(a.size for a in arrays),
-                            raw_bytes=sum(a.nbytes for a in arrays), wire_bytes=size)
+                sizes = [_size(array) for array in record.values()]
+                self.record(server_round, client, direction, key, values=sum(v for v, _ in sizes),
+                            raw_bytes=sum(b for _, b in sizes), wire_bytes=size)
         # Metadata has no model payload: its cost is only its serialised size.
         self.record(server_round, client, direction, METADATA, values=0, raw_bytes=0, wire_bytes=total - counted)
         return total

@@ -18,6 +18,7 @@ from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.serde import message_from_proto, message_to_proto
+from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=no-name-in-module
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -37,7 +38,8 @@ class LocalGrid(Grid):
     `fail(round, partition, message_type)` injects failures: a failing client never replies,
     as when a node vanishes mid-round. `offline` holds partitions whose nodes are down (absent from
     `get_node_ids`), and `restart(partition)` brings one back under a new node id with an empty
-    state, as a restarted SuperNode would.
+    state, as a restarted SuperNode would. `public_keys` (node id -> PEM) are what `get_nodes`
+    reports, as a SuperLink with node authentication does.
     """
 
     def __init__(self, client_app, num_nodes: int, *, fail: FailureRule | None = None, run_id: int = 1) -> None:
@@ -46,6 +48,7 @@ class LocalGrid(Grid):
         self._run_id = run_id
         self.contexts: dict[int, Context] = {}
         self.offline: set[int] = set()
+        self.public_keys: dict[int, bytes] = {}
         self._next_node = 1000
         for pid in range(num_nodes):
             self._add_node(pid)
@@ -81,6 +84,9 @@ class LocalGrid(Grid):
 
     def get_node_ids(self) -> Iterable[int]:
         return [n for n, c in self.contexts.items() if c.node_config["partition-id"] not in self.offline]
+
+    def get_nodes(self) -> Iterable[NodeInfo]:
+        return [NodeInfo(node_id=n, public_key=self.public_keys.get(n, b"")) for n in self.get_node_ids()]
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         raise NotImplementedError("use send_and_receive")

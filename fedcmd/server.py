@@ -16,11 +16,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Message, RecordDict
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from fedcmd import task
 from fedcmd.accountant import VolumeAccountant, fedavg_floats
+from fedcmd.binding import pem_fingerprint, read_binding
 from fedcmd.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedcmd.config import to_toml
 from fedcmd.data import partition_report, write_partition_report
@@ -32,30 +33,76 @@ from strategies.base import FedcmdStrategy
 log = logging.getLogger("fedcmd")
 
 
-def discover_nodes(grid: Grid, strategy: FedcmdStrategy, server_round: int, timeout: float) -> None:
+def discover_nodes(grid: Grid, strategy: FedcmdStrategy, server_round: int, timeout: float,
+                   binding: dict[str, int] | None = None) -> None:
     """Ask nodes the server has not heard of which partition they hold; forget nodes that left.
 
     Node ids are assigned by Flower (random in simulation, new when a SuperNode reconnects), while
     cohorts are drawn over partition ids, so the server keeps the mapping current every round.
+
+    A claim is a node's word, so it is checked (`FedcmdStrategy.claim_refusal`): an integer in
+    [0, num-clients), and not a partition a live node already serves. With `binding` (key
+    fingerprint -> partition, see `fedcmd.binding`) the claim must be the partition the node's
+    public key is bound to. A refused node is logged, left unregistered (it gets no train
+    message) and asked again next round, so a restarted node is accepted once its old id is gone.
+    Replies are matched to queries by message id, in time linear in the number of nodes.
     """
-    present = set(grid.get_node_ids())
-    for node in list(strategy.partition_of):
-        if node not in present:
-            strategy.forget_node(node)
-    unknown = sorted(present - set(strategy.partition_of))
+    if binding is None:
+        present, keys = set(grid.get_node_ids()), {}
+    else:
+        nodes = list(grid.get_nodes())
+        present, keys = {n.node_id for n in nodes}, {n.node_id: n.public_key for n in nodes}
+    for node in [n for n in strategy.partition_of if n not in present]:
+        strategy.forget_node(node)
+    unknown = sorted(present - strategy.partition_of.keys())
     if not unknown:
         return
     queries = [Message(RecordDict(), dst_node_id=node, message_type="query", group_id=f"discover-{server_round}")
                for node in unknown]
-    for reply in grid.send_and_receive(queries, timeout=timeout):
-        if reply.has_error() or "info" not in reply.content:
+    replies = grid.send_and_receive(queries, timeout=timeout)
+    asked = {q.metadata.message_id: q for q in queries}  # ids exist once the grid has sent them
+    for reply in replies:
+        query = asked.pop(reply.metadata.reply_to_message_id, None)
+        if query is None:
+            log.warning("round %d: ignoring a discovery reply that answers no query", server_round)
             continue
-        pid = int(reply.content["info"]["partition-id"])
-        strategy.register_node(reply.metadata.src_node_id, pid)
+        node = query.metadata.dst_node_id
+        try:
+            pid = partition_claim(reply)
+            refusal = strategy.claim_refusal(node, pid, present)
+            if refusal is None and binding is not None:
+                refusal = binding_refusal(binding, keys.get(node), pid)
+        except Exception as err:  # a reply that makes reading it fail is refused like any other lie
+            refusal = f"unreadable discovery reply: {type(err).__name__}: {err}"
+        if refusal is not None:
+            log.warning("round %d: node %d refused: %s", server_round, node, refusal[:300])
+            continue
+        strategy.register_node(node, pid)
         # Discovery is traffic too: the query down and the reply up, both metadata.
-        query = next(q for q in queries if q.metadata.dst_node_id == reply.metadata.src_node_id)
         strategy.accountant.record_message(server_round, pid, "down", query)
         strategy.accountant.record_message(server_round, pid, "up", reply)
+
+
+def partition_claim(reply: Message):
+    """The partition id a discovery reply claims, as sent (checked by the strategy); ValueError if none."""
+    if reply.has_error():
+        raise ValueError(f"error reply: {str(reply.error.reason)[:200]}")
+    info = reply.content.get("info")
+    if not isinstance(info, (MetricRecord, ConfigRecord)) or "partition-id" not in info:
+        raise ValueError("reply has no 'info' record with a 'partition-id'")
+    return info["partition-id"]
+
+
+def binding_refusal(binding: dict[str, int], public_key: bytes | None, partition_id: int) -> str | None:
+    fingerprint = pem_fingerprint(public_key or b"")
+    if fingerprint is None:
+        return "the node has no readable public key, and partitions are bound to keys"
+    bound = binding.get(fingerprint)
+    if bound is None:
+        return f"its public key (sha256 {fingerprint[:16]}...) is bound to no partition"
+    if bound != partition_id:
+        return f"it claims partition {partition_id}, but its public key is bound to partition {bound}"
+    return None
 
 
 def make_strategy(config: dict[str, Any], accountant: VolumeAccountant | None = None) -> FedcmdStrategy:
@@ -115,9 +162,10 @@ def run_experiment(grid: Grid, config: dict[str, Any], out_dir: str | Path, *, p
             print(f"[fedcmd] {config['strategy']} on {data}, {strategy.weights.size} parameters; "
                   f"round 0: accuracy {acc:.4f}", flush=True)
     timeout = config["round-timeout"]
+    binding = read_binding(config["partition-binding"]) if config["partition-binding"] else None
     for rnd in range(first_round, config["num-server-rounds"] + 1):
         t0 = time.perf_counter()
-        discover_nodes(grid, strategy, rnd, timeout)
+        discover_nodes(grid, strategy, rnd, timeout, binding)
         t1 = time.perf_counter()
         messages = list(strategy.configure_train(rnd, None, None, grid))
         t2 = time.perf_counter()
