@@ -187,6 +187,8 @@ class CMD(FedcmdStrategy):
             raise ReplyError(f"client holds coefficient store version {held}, "
                              f"expected {self.sent[(server_round, partition_id)]}")
         weights = read_vector(content, "weights", self.free_index.size)
+        if not self.version and "references" in content:
+            raise ReplyError("'references' sent before any weight was embedded")
         references = read_vector(content, "references", self.reference_index.size) if self.version else None
         return weights, references, read_buffers(content, self.buffers.size), held
 

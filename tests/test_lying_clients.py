@@ -1,6 +1,6 @@
 """Clients that lie (issue 13): whatever a client sends in a train or discovery reply, the run
 completes, the reply is a counted rejection (or a refused claim) with its reason, and the global
-model is the one the run makes without that client's replies."""
+model is the one the run makes without that client's replies. Ends with a fuzz test."""
 
 import csv
 import logging
@@ -276,3 +276,188 @@ def test_a_partition_bound_to_a_key_refuses_other_keys(config, tmp_path, caplog)
     assert f"node {keyless} refused: the node has no readable public key" in refused
     rejections = {(r["round"], r["client"], r["reason"]) for r in read_csv(tmp_path / "run" / "rejections.csv")}
     assert rejections == {(str(rnd), "1", "unreachable: no node holds this partition") for rnd in (1, 2, 3)}
+
+
+# ----- fuzz -----------------------------------------------------------------------------------------
+# 8 of 10 clients send randomly malformed train replies every round (wrong types, shapes and dtypes,
+# non-finite and extreme values, missing and extra records, lying metrics, errors): 1,024 replies over
+# the four strategies. Every one is rejected with a reason, the run completes, and the global model
+# is, to the bit, the one of the run in which those clients never reply.
+BAD = tuple(range(2, 10))
+ROUNDS = 32
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+# ----- the mutations: each returns False when it does not apply to this reply ------------------------
+def _vector_keys(records):
+    return [k for k in ("weights", "references") if isinstance(records.get(k), ArrayRecord) and "values" in records[k]]
+
+
+def on_values(change):
+    def mutate(records, metrics, rng):
+        keys = _vector_keys(records)
+        if not keys:
+            return False
+        key = keys[rng.integers(len(keys))]
+        try:
+            values = records[key]["values"].numpy().copy()
+        except ValueError:  # an earlier mutation corrupted its bytes
+            return False
+        if values.ndim != 1 or values.size == 0 or values.dtype != np.float32:  # already mangled
+            return False
+        records[key] = ArrayRecord({"values": Array(np.asarray(change(values, rng)))})
+        return True
+    return mutate
+
+
+def at_random(value):
+    def change(values, rng):
+        values[rng.integers(values.size)] = value
+        return values
+    return change
+
+
+def on_record(change):
+    def mutate(records, metrics, rng):
+        keys = _vector_keys(records)
+        if not keys:
+            return False
+        key = keys[rng.integers(len(keys))]
+        change(records, key)
+        return True
+    return mutate
+
+
+def set_metric(key, value):
+    def mutate(records, metrics, rng):
+        if key not in metrics or (callable(value) and not isinstance(metrics[key], (int, float))):
+            return False
+        metrics[key] = value(metrics[key]) if callable(value) else value
+        return True
+    return mutate
+
+
+def drop_metric(key):
+    def mutate(records, metrics, rng):
+        return metrics.pop(key, None) is not None
+    return mutate
+
+
+def add_record(key, record):
+    def mutate(records, metrics, rng):
+        if key in records:
+            return False
+        records[key] = record
+        return True
+    return mutate
+
+
+def corrupt_bytes(records, key):
+    records[key] = ArrayRecord({"values": Array(dtype="float32", shape=(4,), stype="numpy.ndarray", data=b"\x93NUMPY?")})
+
+
+def add_array(records, key):
+    records[key] = ArrayRecord({"values": records[key]["values"], "extra": Array(np.zeros(3, dtype=np.float32))})
+
+
+MUTATIONS = {
+    "nan": on_values(at_random(np.nan)), "inf": on_values(at_random(np.inf)), "-inf": on_values(at_random(-np.inf)),
+    "1e30": on_values(at_random(1e30)), "-1e30": on_values(at_random(-1e30)), "f32max": on_values(at_random(F32_MAX)),
+    "-f32max": on_values(at_random(-F32_MAX)), "1e10": on_values(at_random(1e10)),
+    "all f32max": on_values(lambda v, rng: np.full_like(v, F32_MAX)),
+    "shift +10": on_values(lambda v, rng: v + np.float32(10.0)),
+    "float64": on_values(lambda v, rng: v.astype(np.float64)), "float16": on_values(lambda v, rng: v.astype(np.float16)),
+    "int32": on_values(lambda v, rng: v.astype(np.int32)), "uint8": on_values(lambda v, rng: v.clip(0, 255).astype(np.uint8)),
+    "bool": on_values(lambda v, rng: v.astype(bool)),
+    "2-D": on_values(lambda v, rng: v.reshape(1, -1)), "0-D": on_values(lambda v, rng: np.float32(v[0])),
+    "short": on_values(lambda v, rng: v[:-1]), "long": on_values(lambda v, rng: np.append(v, np.float32(0))),
+    "empty": on_values(lambda v, rng: v[:0]), "doubled": on_values(lambda v, rng: np.concatenate([v, v])),
+    "corrupt bytes": on_record(corrupt_bytes), "extra array": on_record(add_array),
+    "record as metrics": on_record(lambda r, k: r.__setitem__(k, MetricRecord({"values": 1.0}))),
+    "record as config": on_record(lambda r, k: r.__setitem__(k, ConfigRecord({"values": "x"}))),
+    "record missing": on_record(lambda r, k: r.pop(k)),
+    "extra record": add_record("evil", ArrayRecord({"values": Array(np.ones(5, dtype=np.float32))})),
+    "extra buffers": add_record("buffers", ArrayRecord({"values": Array(np.ones(5, dtype=np.float32))})),
+    "extra references": add_record("references", ArrayRecord({"values": Array(np.ones(2, dtype=np.float32))})),
+    "examples 0": set_metric("num-examples", 0.0), "examples -40": set_metric("num-examples", -40.0),
+    "examples 1e12": set_metric("num-examples", 1e12), "examples inf": set_metric("num-examples", np.inf),
+    "examples nan": set_metric("num-examples", np.nan), "examples +1": set_metric("num-examples", lambda v: v + 1),
+    "examples x2": set_metric("num-examples", lambda v: v * 2), "examples list": set_metric("num-examples", [40.0]),
+    "examples missing": drop_metric("num-examples"),
+    "loss nan": set_metric("train-loss", np.nan), "loss inf": set_metric("train-loss", np.inf),
+    "loss -1": set_metric("train-loss", -1.0), "loss list": set_metric("train-loss", [0.5, 0.5]),
+    "loss missing": drop_metric("train-loss"),
+    "extra metric": lambda records, metrics, rng: metrics.setdefault("evil", 1.0) == 1.0,
+    "metrics missing": lambda records, metrics, rng: records.pop("metrics", None) is not None,
+    "metrics as config": lambda records, metrics, rng: records.__setitem__("metrics", ConfigRecord({"x": "y"})) or True,
+}
+for _key in ("store-version", "model-version", "mask-version"):
+    MUTATIONS.update({
+        f"{_key} +1": set_metric(_key, lambda v: v + 1), f"{_key} -1": set_metric(_key, lambda v: v - 1),
+        f"{_key} nan": set_metric(_key, np.nan), f"{_key} inf": set_metric(_key, np.inf),
+        f"{_key} +0.5": set_metric(_key, lambda v: v + 0.5), f"{_key} as float": set_metric(_key, float),
+        f"{_key} list": set_metric(_key, lambda v: [v, v]), f"{_key} missing": drop_metric(_key),
+    })
+WHOLE = ("error reply", "other sender")
+
+
+def malformed(reply, msg, node, rng, draw):
+    """`reply` with the mutations `draw` (names) applied, skipping those that do not fit it.
+    Returns (new reply, names applied)."""
+    if draw[0] in WHOLE:
+        if draw[0] == "error reply":
+            return Message(Error(code=0, reason="ValueError: a client that gave up"), reply_to=msg), [draw[0]]
+        reply.metadata.__dict__["_src_node_id"] = node + 7
+        return reply, [draw[0]]
+    original = reply.content["metrics"]
+    records, metrics = dict(reply.content.items()), dict(original)
+    applied = [name for name in draw if name not in WHOLE and MUTATIONS[name](records, metrics, rng)]
+    if records.get("metrics") is original:
+        records["metrics"] = MetricRecord(metrics)
+    return Message(RecordDict(records), reply_to=msg), applied
+
+
+def fuzz_config(small_config, strategy):
+    return dict(small_config, strategy=strategy, **STRATEGY_KEYS[strategy],
+                **{"model": "mlp", "num-clients": 10, "synthetic-train-size": 400, "batch-size": 40,
+                   "local-epochs": 1, "num-server-rounds": ROUNDS, "max-update-norm": 5.0})
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "cmd", "apf", "a-apf"])
+def test_malformed_replies_are_all_rejected_and_change_nothing(small_config, tmp_path, strategy):
+    config = fuzz_config(small_config, strategy)
+    rng = np.random.default_rng(13)
+    names = list(MUTATIONS) + list(WHOLE)
+    sent = {"count": 0, "kinds": set()}
+
+    def tamper(kind, rnd, pid, node, reply, msg):
+        if kind != "train" or pid not in BAD:
+            return reply
+        draw = [names[sent["count"] % len(names)]] + list(rng.choice(names, size=rng.integers(0, 3)))
+        reply, applied = malformed(reply, msg, node, rng, draw)
+        if not applied:  # none of the drawn mutations fits this reply (e.g. CMD versions under FedAvg)
+            reply, applied = malformed(reply, msg, node, rng, ["examples x2"])
+        sent["count"] += 1
+        sent["kinds"].add(applied[0])
+        return reply
+
+    lied = run_inprocess(config, tmp_path / "lied", progress=False, grid=TamperingGrid(10, tamper=tamper))
+    silent_grid = TamperingGrid(10, fail=lambda rnd, pid, kind: kind == "train" and pid in BAD)
+    silent = run_inprocess(config, tmp_path / "silent", progress=False, grid=silent_grid)
+
+    assert sent["count"] == ROUNDS * len(BAD) == 256
+    assert len(sent["kinds"]) > 40
+    rejections = read_csv(tmp_path / "lied" / "rejections.csv")
+    assert len(rejections) == sent["count"] == lied["replies_rejected"]
+    assert {int(r["client"]) for r in rejections} == set(BAD)
+    assert not any("timeout" in r["reason"] for r in rejections)  # read, and refused for what they held
+    assert silent["replies_rejected"] == sent["count"]  # the good clients' replies passed every check
+    assert lied["rounds"] == ROUNDS
+    good_rows = lambda out: [(m["accepted"], m["accuracy"], m["train_loss"]) for m in read_csv(out / "metrics.csv")]
+    assert good_rows(tmp_path / "lied") == good_rows(tmp_path / "silent")
+    a = load_checkpoint(tmp_path / "lied", config).strategy
+    b = load_checkpoint(tmp_path / "silent", config).strategy
+    assert np.array_equal(a.weights, b.weights) and np.array_equal(a.buffers, b.buffers)
+    assert np.isfinite(a.weights).all()
+    if strategy == "cmd":
+        assert a.version >= 1  # the fuzz reached rounds with embedded weights and references
