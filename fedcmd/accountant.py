@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 from flwr.app import ArrayRecord, Message
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, no_object_id_recompute
 
 CATEGORIES = ("weights", "buffers", "references", "coefficients", "indices", "masks")
 METADATA = "metadata"
@@ -41,7 +41,10 @@ class VolumeRow:
 
 def wire_size(obj) -> int:
     """Bytes of an inflatable object (Message, record, Array) as Flower serialises it."""
-    return sum(len(o.deflate()) for o in get_all_nested_objects(obj).values())
+    # Without the context every parent's deflate recomputes its children's ids (hashing their
+    # bodies again): measured 3x slower on a discovery reply, 4.5x on a LeNet-5 model message.
+    with no_object_id_recompute():
+        return sum(len(o.deflate()) for o in get_all_nested_objects(obj).values())
 
 
 def _size(array) -> tuple[int, int]:
@@ -110,11 +113,13 @@ class VolumeAccountant:
     def round_totals(self) -> dict[int, dict[str, float]]:
         return {key[0]: value for key, value in sorted(self.totals(("round",)).items())}
 
-    def write_csv(self, path: str | Path) -> None:
-        with open(path, "w", newline="") as fh:
+    def write_csv(self, path: str | Path, *, start: int = 0) -> None:
+        """All rows, with the header; with `start` > 0, append rows[start:] to the file instead."""
+        with open(path, "a" if start else "w", newline="") as fh:
             writer = csv.writer(fh)
-            writer.writerow([f.name for f in fields(VolumeRow)])
-            writer.writerows(astuple(row) for row in self.rows)
+            if not start:
+                writer.writerow([f.name for f in fields(VolumeRow)])
+            writer.writerows(astuple(row) for row in self.rows[start:])
 
     @classmethod
     def read_csv(cls, path: str | Path) -> "VolumeAccountant":

@@ -20,6 +20,10 @@ class ConfigError(ValueError):
     """A config key is unknown, or its value has the wrong type or range."""
 
 
+class SetupError(ConfigError):
+    """A valid config that cannot be run as asked: the data, the model or the output folder do not fit."""
+
+
 def _positive(v: Any) -> bool:
     return v > 0
 

@@ -118,13 +118,13 @@ class LocalGrid(Grid):
 
 
 def run_inprocess(config: dict[str, Any], out_dir: str | Path, *, progress: bool = True,
-                  grid: LocalGrid | None = None, resume: bool = False) -> dict:
+                  grid: LocalGrid | None = None, resume: bool = False, overwrite: bool = False) -> dict:
     """Run `config` with the in-process grid; returns the summary."""
     from fedcmd.client_app import app as client_app
     from fedcmd.server import run_experiment
 
     grid = grid or LocalGrid(client_app, config["num-clients"])
-    return run_experiment(grid, config, out_dir, progress=progress, resume=resume)
+    return run_experiment(grid, config, out_dir, progress=progress, resume=resume, overwrite=overwrite)
 
 
 def _ray_env() -> None:
@@ -135,7 +135,7 @@ def _ray_env() -> None:
 
 
 def run_ray(config: dict[str, Any], out_dir: str | Path, *, progress: bool = True,
-            cpus_per_client: float = 1.0, resume: bool = False) -> dict:
+            cpus_per_client: float = 1.0, resume: bool = False, overwrite: bool = False) -> dict:
     """Run `config` on Flower's simulation engine (Ray); returns the summary."""
     import json
 
@@ -151,7 +151,7 @@ def run_ray(config: dict[str, Any], out_dir: str | Path, *, progress: bool = Tru
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            run_server_app(grid, config, out_dir, progress=progress, resume=resume)
+            run_server_app(grid, config, out_dir, progress=progress, resume=resume, overwrite=overwrite)
         except BaseException as err:  # keep it: run_simulation only logs the server thread's failure
             errors.append(err)
             raise

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +24,11 @@ from flwr.serverapp import Grid
 from fedcmd import task
 from fedcmd.accountant import VolumeAccountant, fedavg_floats
 from fedcmd.binding import pem_fingerprint, read_binding
-from fedcmd.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from fedcmd.config import to_toml
-from fedcmd.data import partition_report, write_partition_report
+from fedcmd.checkpoint import CHECKPOINT_NAME, Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from fedcmd.config import ConfigError, SetupError, to_toml
+from fedcmd.data import DatasetNotFoundError, partition_report, write_partition_report
 from fedcmd.registry import strategy_class
-from fedcmd.report import write_run_outputs
+from fedcmd.report import RUN_OUTPUTS, RunTables, write_summary
 from fedcmd.training import evaluate
 from strategies.base import FedcmdStrategy
 
@@ -128,41 +130,86 @@ class CentralEvaluator:
         return evaluate(self.model, self.x, self.y)
 
 
+def check_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse, before anything is written, an output folder that holds another run's checkpoint or
+    summary, unless the run resumes it or replaces it."""
+    if resume and overwrite:
+        raise SetupError("--resume continues the run in the output folder and --overwrite replaces it: pass one")
+    if out.exists() and not out.is_dir():
+        raise SetupError(f"output folder {out} is a file")
+    if resume or overwrite:
+        return
+    for name, what in ((CHECKPOINT_NAME, "checkpointed"), ("summary.json", "finished")):
+        if (out / name).exists():
+            raise SetupError(f"{out} holds a {what} run ({name}): pass --resume to continue it or "
+                             "--overwrite to replace it, or choose another output folder")
+
+
+def make_out_dir(out: Path, *, overwrite: bool) -> None:
+    """Create the output folder; with `overwrite`, remove the outputs of the run it held."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            for name in RUN_OUTPUTS:
+                (out / name).unlink(missing_ok=True)
+    except OSError as err:
+        raise SetupError(f"cannot write to output folder {out}: {err.strerror or err}") from err
+
+
+@contextmanager
+def setup_errors() -> Iterator[None]:
+    """What building a run from a valid config raises (num-clients above the dataset's size, a
+    partitioner giving up, classes-per-client above the classes, an image too small for the model)
+    as one SetupError line; the config and checkpoint errors, which name their key, as they are."""
+    try:
+        yield
+    except (ConfigError, CheckpointError, DatasetNotFoundError):
+        raise
+    except (ValueError, RuntimeError) as err:
+        raise SetupError("cannot set up the run: " + " ".join(str(err).split())) from err
+
+
 def run_experiment(grid: Grid, config: dict[str, Any], out_dir: str | Path, *, progress: bool = True,
-                   resume: bool = False) -> dict:
+                   resume: bool = False, overwrite: bool = False) -> dict:
     """Run `config` over `grid`, write every output into `out_dir`, return the summary.
 
     A checkpoint is written to `out_dir` after every round; `resume=True` continues from it (see
-    `fedcmd.checkpoint`) and ends with the outputs an uninterrupted run would have written.
+    `fedcmd.checkpoint`) and ends with the outputs an uninterrupted run would have written. A folder
+    holding another run is refused unless `resume` or `overwrite` (which replaces that run).
+    metrics.csv, volume.csv and rejections.csv are appended round by round (`fedcmd.report.RunTables`).
     """
     started = time.perf_counter()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_out_dir(out, resume=resume, overwrite=overwrite)
+    # Everything is checked before anything is written: a refused run leaves the folder as it was.
+    with setup_errors():
+        binding = read_binding(config["partition-binding"]) if config["partition-binding"] else None
+        data = task.dataset(config)
+        parts = task.partitions(config)
+        if resume:
+            evaluator = CentralEvaluator(config)
+            checkpoint = load_checkpoint(out, config)  # restores the RNG states: after anything that draws
+            strategy, metrics, spent = checkpoint.strategy, checkpoint.metrics, checkpoint.wall_seconds
+            first_round = checkpoint.server_round + 1
+        else:
+            strategy = make_strategy(config)
+            evaluator = CentralEvaluator(config)
+            loss, acc = evaluator(strategy.weights, strategy.buffers)  # also checks the model fits the images
+            metrics = [dict(round=0, accuracy=acc, loss=loss, train_loss=float("nan"), sampled=0, accepted=0,
+                            rejected=0, mb_cumulative=0.0, round_seconds=0.0, strategy_seconds=0.0)]
+            spent, first_round = 0.0, 1
+    make_out_dir(out, overwrite=overwrite)
     (out / "config.toml").write_text(to_toml(config))
-    data = task.dataset(config)
-    parts = task.partitions(config)
     write_partition_report(partition_report(data.train_y.numpy(), parts, data.num_classes), out / "partitions.csv")
-
-    if resume:
-        evaluator = CentralEvaluator(config)
-        checkpoint = load_checkpoint(out, config)  # restores the RNG states: after anything that draws
-        strategy, metrics, spent = checkpoint.strategy, checkpoint.metrics, checkpoint.wall_seconds
-        first_round = checkpoint.server_round + 1
-        if progress:
-            print(f"[fedcmd] {config['strategy']} on {data}: resuming after round {checkpoint.server_round} "
-                  f"(accuracy {metrics[-1]['accuracy']:.4f})", flush=True)
-    else:
-        strategy = make_strategy(config)
-        evaluator = CentralEvaluator(config)
-        loss, acc = evaluator(strategy.weights, strategy.buffers)
-        metrics = [dict(round=0, accuracy=acc, loss=loss, train_loss=float("nan"), sampled=0, accepted=0,
-                        rejected=0, mb_cumulative=0.0, round_seconds=0.0, strategy_seconds=0.0)]
-        spent, first_round = 0.0, 1
-        if progress:
-            print(f"[fedcmd] {config['strategy']} on {data}, {strategy.weights.size} parameters; "
-                  f"round 0: accuracy {acc:.4f}", flush=True)
+    tables = RunTables(out)
+    tables.start(metrics, strategy)
+    if progress and resume:
+        print(f"[fedcmd] {config['strategy']} on {data}: resuming after round {checkpoint.server_round} "
+              f"(accuracy {metrics[-1]['accuracy']:.4f})", flush=True)
+    elif progress:
+        print(f"[fedcmd] {config['strategy']} on {data}, {strategy.weights.size} parameters; "
+              f"round 0: accuracy {acc:.4f}", flush=True)
     timeout = config["round-timeout"]
-    binding = read_binding(config["partition-binding"]) if config["partition-binding"] else None
     for rnd in range(first_round, config["num-server-rounds"] + 1):
         t0 = time.perf_counter()
         discover_nodes(grid, strategy, rnd, timeout, binding)
@@ -186,19 +233,20 @@ def run_experiment(grid: Grid, config: dict[str, Any], out_dir: str | Path, *, p
                   f"{len(round_log.accepted)}/{len(round_log.sampled)} replies, {mb:.2f} MB so far, "
                   f"{metrics[-1]['round_seconds']:.1f} s", flush=True)
         save_checkpoint(out, Checkpoint(config, rnd, strategy, metrics, spent + time.perf_counter() - started))
+        tables.append_round(rnd, metrics, strategy)  # after the checkpoint: the tables never run ahead of it
 
     cohorts = [len(strategy.rounds[r].sampled) for r in range(1, config["num-server-rounds"] + 1)]
     reference = fedavg_floats(strategy.weights.size + strategy.buffers.size, cohorts)
-    summary = write_run_outputs(out, config, strategy, metrics, reference, spent + time.perf_counter() - started)
+    summary = write_summary(out, config, strategy, metrics, reference, spent + time.perf_counter() - started)
     if progress:
         print(json.dumps(summary, indent=2), flush=True)
     return summary
 
 
 def run_server_app(grid: Grid, config: dict[str, Any], out_dir: str | Path, progress: bool = True,
-                   resume: bool = False) -> dict:
+                   resume: bool = False, overwrite: bool = False) -> dict:
     """Entry used by ServerApps: the server thread gets its own, bounded, share of the cores."""
     torch.set_num_threads(1)
     if not logging.getLogger().handlers:  # a deployed ServerApp process has none: keep rejections visible
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    return run_experiment(grid, config, out_dir, progress=progress, resume=resume)
+    return run_experiment(grid, config, out_dir, progress=progress, resume=resume, overwrite=overwrite)

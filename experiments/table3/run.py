@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         if (run_dir / "summary.json").is_file() and not args.force:
             print(f"[table3] {name}: done already, skipped ({run_dir}/summary.json)", flush=True)
             continue
-        command = [sys.executable, "-m", "fedcmd.cli", "run", str(path), "--out", str(run_dir), "--engine", args.engine]
+        command = [sys.executable, "-m", "fedcmd.cli", "run", str(path), "--out", str(run_dir), "--engine", args.engine,
+                   "--overwrite"]  # what is left of an interrupted (or --force) run starts afresh
         print(f"[table3] {name}: {' '.join(command)}", flush=True)
         if subprocess.run(command, cwd=REPO).returncode != 0:
             print(f"[table3] {name} failed; stopping (finished runs are kept, rerun to resume)", file=sys.stderr)
