@@ -46,8 +46,9 @@ def discover_nodes(grid: Grid, strategy: FedcmdStrategy, server_round: int, time
     [0, num-clients), and not a partition a live node already serves. With `binding` (key
     fingerprint -> partition, see `fedcmd.binding`) the claim must be the partition the node's
     public key is bound to. A refused node is logged, left unregistered (it gets no train
-    message) and asked again next round, so a restarted node is accepted once its old id is gone.
-    Replies are matched to queries by message id, in time linear in the number of nodes.
+    message) and asked again next round, so a restarted node is accepted once its old id is gone;
+    its exchange is not in the volume table (it belongs to no partition). Replies are matched to
+    queries by message id, in time linear in the number of nodes.
     """
     if binding is None:
         present, keys = set(grid.get_node_ids()), {}

@@ -289,16 +289,17 @@ F32_MAX = float(np.finfo(np.float32).max)
 
 
 # ----- the mutations: each returns False when it does not apply to this reply ------------------------
-def _vector_keys(records):
-    return [k for k in ("weights", "references") if isinstance(records.get(k), ArrayRecord) and "values" in records[k]]
+def _pick_vector(records, rng):
+    """A vector record of the reply, chosen at random (None if none is left)."""
+    keys = [k for k in ("weights", "references") if isinstance(records.get(k), ArrayRecord) and "values" in records[k]]
+    return keys[rng.integers(len(keys))] if keys else None
 
 
 def on_values(change):
     def mutate(records, metrics, rng):
-        keys = _vector_keys(records)
-        if not keys:
+        key = _pick_vector(records, rng)
+        if key is None:
             return False
-        key = keys[rng.integers(len(keys))]
         try:
             values = records[key]["values"].numpy().copy()
         except ValueError:  # an earlier mutation corrupted its bytes
@@ -319,12 +320,10 @@ def at_random(value):
 
 def on_record(change):
     def mutate(records, metrics, rng):
-        keys = _vector_keys(records)
-        if not keys:
-            return False
-        key = keys[rng.integers(len(keys))]
-        change(records, key)
-        return True
+        key = _pick_vector(records, rng)
+        if key is not None:
+            change(records, key)
+        return key is not None
     return mutate
 
 
