@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 from flwr.app import ArrayRecord, Message
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, no_object_id_recompute
 
 CATEGORIES = ("weights", "buffers", "references", "coefficients", "indices", "masks")
 METADATA = "metadata"
@@ -41,7 +41,20 @@ class VolumeRow:
 
 def wire_size(obj) -> int:
     """Bytes of an inflatable object (Message, record, Array) as Flower serialises it."""
-    return sum(len(o.deflate()) for o in get_all_nested_objects(obj).values())
+    # Without the context every parent's deflate recomputes its children's ids (hashing their
+    # bodies again): measured 3x slower on a discovery reply, 4.5x on a LeNet-5 model message.
+    with no_object_id_recompute():
+        return sum(len(o.deflate()) for o in get_all_nested_objects(obj).values())
+
+
+def _size(array) -> tuple[int, int]:
+    """(values, raw bytes) of an Array; (0, bytes received) for one that does not decode: a
+    malformed reply is still traffic."""
+    try:
+        values = array.numpy()
+    except Exception:  # whatever a client's bytes make numpy raise
+        return 0, len(array.data)
+    return int(values.size), int(values.nbytes)
 
 
 class VolumeAccountant:
@@ -68,12 +81,11 @@ class VolumeAccountant:
             for key, record in message.content.items():
                 if key not in CATEGORIES or not isinstance(record, ArrayRecord):
                     continue
-                arrays = [array.numpy() for array in record.values()]
                 size = wire_size(record)
                 counted += size
-                self.record(server_round, client, direction, key,
-                            values=sum(a.size for a in arrays),
-                            raw_bytes=sum(a.nbytes for a in arrays), wire_bytes=size)
+                sizes = [_size(array) for array in record.values()]
+                self.record(server_round, client, direction, key, values=sum(v for v, _ in sizes),
+                            raw_bytes=sum(b for _, b in sizes), wire_bytes=size)
         # Metadata has no model payload: its cost is only its serialised size.
         self.record(server_round, client, direction, METADATA, values=0, raw_bytes=0, wire_bytes=total - counted)
         return total
@@ -101,11 +113,13 @@ class VolumeAccountant:
     def round_totals(self) -> dict[int, dict[str, float]]:
         return {key[0]: value for key, value in sorted(self.totals(("round",)).items())}
 
-    def write_csv(self, path: str | Path) -> None:
-        with open(path, "w", newline="") as fh:
+    def write_csv(self, path: str | Path, *, start: int = 0) -> None:
+        """All rows, with the header; with `start` > 0, append rows[start:] to the file instead."""
+        with open(path, "a" if start else "w", newline="") as fh:
             writer = csv.writer(fh)
-            writer.writerow([f.name for f in fields(VolumeRow)])
-            writer.writerows(astuple(row) for row in self.rows)
+            if not start:
+                writer.writerow([f.name for f in fields(VolumeRow)])
+            writer.writerows(astuple(row) for row in self.rows[start:])
 
     @classmethod
     def read_csv(cls, path: str | Path) -> "VolumeAccountant":

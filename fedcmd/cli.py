@@ -22,14 +22,17 @@ def default_out_dir(config_path: str | None, config: dict) -> Path:
 def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.set or [])
     out = Path(args.out) if args.out else default_out_dir(args.config, config)
+    from fedcmd.server import check_out_dir
+
+    check_out_dir(out, resume=args.resume, overwrite=args.overwrite)  # before Ray takes seconds to start
     if args.engine == "ray":
         from fedcmd.engine import run_ray
 
-        run_ray(config, out, resume=args.resume)
+        run_ray(config, out, resume=args.resume, overwrite=args.overwrite)
     else:
         from fedcmd.engine import run_inprocess
 
-        run_inprocess(config, out, resume=args.resume)
+        run_inprocess(config, out, resume=args.resume, overwrite=args.overwrite)
     print(f"[fedcmd] outputs in {out}/ (summary.json, metrics.csv, volume.csv, partitions.csv, run.png)")
     return 0
 
@@ -67,9 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="output folder (default runs/<config>/<strategy>-seed<k>)")
     run.add_argument("--engine", choices=("ray", "inprocess"), default="ray",
                      help="ray: Flower's simulation engine (default); inprocess: same code, no Ray")
-    run.add_argument("--resume", action="store_true",
-                     help="continue the run from the checkpoint in its output folder (same config; "
-                          "num-server-rounds and round-timeout may change)")
+    again = run.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue the run from the checkpoint in its output folder (same config; "
+                            "num-server-rounds and round-timeout may change)")
+    again.add_argument("--overwrite", action="store_true",
+                       help="replace the run the output folder holds (refused without this or --resume)")
     run.set_defaults(func=cmd_run)
     compare = sub.add_parser("compare", help="table and plots comparing finished runs, by method over seeds")
     compare.add_argument("runs", nargs="+", metavar="RUN_DIR",

@@ -7,6 +7,7 @@ has a default and a type here; an unknown key or a value of the wrong type or ra
 
 from __future__ import annotations
 
+import math
 import tomllib
 from pathlib import Path
 from typing import Any, Callable
@@ -19,6 +20,10 @@ OPTIMIZER_STATES = ("reset", "keep")
 
 class ConfigError(ValueError):
     """A config key is unknown, or its value has the wrong type or range."""
+
+
+class SetupError(ConfigError):
+    """A valid config that cannot be run as asked: the data, the model or the output folder do not fit."""
 
 
 def _positive(v: Any) -> bool:
@@ -86,6 +91,9 @@ SCHEMA: dict[str, tuple[type, Any, Callable[[Any], bool] | None, str]] = {
     "apf-check-every": (int, 1, _positive, "a positive integer"),
     "apf-tighten-at": (float, 0.8, _fraction, "in (0, 1]"),
     "apf-random-freeze-periods": (int, 1, _positive, "a positive integer"),  # A-APF's random freeze length
+    # Defences against clients that lie (strategies/base.py, fedcmd/server.py)
+    "max-update-norm": (float, 0.0, _non_negative, "non-negative (0 = no bound)"),
+    "partition-binding": (str, "", None, ""),  # JSON file: node public key -> partition (deploy --auth)
 }
 
 DEFAULTS: dict[str, Any] = {key: spec[1] for key, spec in SCHEMA.items()}
@@ -106,6 +114,9 @@ def _coerce(key: str, value: Any) -> Any:
         raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
     if not isinstance(value, kind):
         raise ConfigError(f"config key '{key}': expected {kind.__name__}, got {value!r}")
+    # TOML accepts inf and nan, and every range check above passes inf (lr = inf ran to the end).
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(f"config key '{key}': {value!r} is not a finite number")
     if check is not None and not check(value):
         raise ConfigError(f"config key '{key}': {value!r} is not {meaning}")
     return value

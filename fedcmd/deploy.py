@@ -28,6 +28,13 @@ Decisions:
   each node gets an ECDSA P-384 key in SSH format whose public half is registered with
   `flwr supernode register` before the node starts; a node with any other key is refused.
 - Credentials are made with the `cryptography` package (a Flower dependency): no openssl needed.
+  They include partition-binding.json, binding node key K to partition K; with `--auth` the run
+  config's `partition-binding` points at it, so a node may only serve the partition its key is
+  bound to (`fedcmd.binding`): a registered node claiming another partition is refused.
+- Every process the deployment starts is stopped, and so is every process they start: the
+  SuperLink starts the ServerApp (`flwr-serverapp`) in a session of its own, which outlived a
+  crashed SuperLink. A watcher records the descendants of the started processes (PID and start
+  time, so a reused PID is never signalled) and `stop` ends those still alive.
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from fedcmd.binding import BINDING_NAME, write_binding
 from fedcmd.config import DEFAULTS, ConfigError, load_config, to_toml
 
 LOOPBACK = "127.0.0.1"
@@ -163,6 +171,11 @@ class Credentials:
         """Private key of node `name` (OpenSSH format); the public key is the same path + `.pub`."""
         return self.folder / f"node-{name}"
 
+    @property
+    def binding(self) -> Path:
+        """Which node key may serve which partition (node-K: partition K), for `partition-binding`."""
+        return self.folder / BINDING_NAME
+
 
 def _write_private(path: Path, data: bytes) -> None:
     path.write_bytes(data)
@@ -227,6 +240,7 @@ def make_credentials(folder: str | Path, num_nodes: int, *, days: int = 30) -> C
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     for k in range(num_nodes):
         make_node_key(creds.node_key(k))
+    write_binding(creds.binding, {k: Path(f"{creds.node_key(k)}.pub") for k in range(num_nodes)})
     return creds
 
 
@@ -263,6 +277,32 @@ def _exit_on_sigterm(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
+def _stat(pid: int) -> tuple[int, int] | None:
+    """(parent pid, start time in clock ticks) of a live process, from /proc; None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            rest = fh.read().rsplit(")", 1)[1].split()  # after "pid (comm)", which may hold spaces
+    except OSError:
+        return None
+    return (int(rest[1]), int(rest[19])) if len(rest) > 19 and rest[0] != "Z" else None
+
+
+def _descendants(roots: set[int]) -> dict[int, int]:
+    """{pid: start time} of every live descendant of `roots`."""
+    table = {int(e): _stat(int(e)) for e in os.listdir("/proc") if e.isdigit()}
+    children: dict[int, list[int]] = {}
+    for pid, stat in table.items():
+        if stat is not None:
+            children.setdefault(stat[0], []).append(pid)
+    found, todo = {}, list(roots)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found[child] = table[child][1]
+                todo.append(child)
+    return found
+
+
 class Deployment:
     """A SuperLink and SuperNodes on loopback, started here and stopped here, by PID.
 
@@ -286,6 +326,8 @@ class Deployment:
         self._extra: list[subprocess.Popen] = []
         self._logs: list = []
         self._sigterm = None
+        self.descendants: dict[int, int] = {}  # pid -> start time of what the started processes started
+        self._watching = threading.Event()
 
     # ----- environment ---------------------------------------------------------------------
     @property
@@ -334,6 +376,8 @@ class Deployment:
         if self.auth:
             args += ["--enable-supernode-auth"]
         self.superlink = self._spawn(args, "superlink.log")
+        self._watching.set()
+        threading.Thread(target=self._watch_descendants, daemon=True).start()
         self._wait_for_port(self.port, self.superlink, "superlink.log", wait_seconds)
         if self.auth:
             for k in range(self.num_nodes):
@@ -430,15 +474,42 @@ class Deployment:
             if proc.poll() is None:
                 proc.wait(5)
 
+    def _started(self) -> list[subprocess.Popen]:
+        return [p for p in [self.superlink, *self.nodes.values(), *self._extra] if p is not None]
+
+    def _watch_descendants(self, every: float = 0.5) -> None:
+        """Record what the started processes start, while they live: once a parent dies, its
+        orphans are re-parented and could no longer be told from anyone else's processes."""
+        while self._watching.is_set():
+            self.descendants.update(_descendants({p.pid for p in self._started() if p.poll() is None}))
+            time.sleep(every)
+
+    def _stop_descendants(self, grace: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL, every recorded descendant still alive (same PID, same start time)."""
+        alive = lambda: [pid for pid, t0 in self.descendants.items() if (_stat(pid) or (0, None))[1] == t0]
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in alive():
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + grace
+            while alive() and time.monotonic() < deadline:
+                time.sleep(0.2)
+
     def kill_node(self, partition_id: int) -> None:
         """Kill the SuperNode of a partition at once (SIGKILL), as a crash would."""
         self._stop([self.nodes[partition_id]], grace=5.0, sig=signal.SIGKILL)
 
     def stop(self) -> None:
-        """Stop the nodes (all at once), then the SuperLink."""
+        """Stop the nodes (all at once), then the SuperLink, then whatever they started that is left."""
+        if self.superlink is not None:
+            self.descendants.update(_descendants({p.pid for p in self._started()}))
+        self._watching.clear()
         self._stop(self._extra + list(self.nodes.values()))
         if self.superlink is not None:
             self._stop([self.superlink])
+        self._stop_descendants()
         for log in self._logs:
             log.close()
         self._logs.clear()
@@ -465,6 +536,8 @@ class Deployment:
         `on_round(r)` is called (from a reader thread) when the ServerApp reports round r done.
         """
         out = Path(out).resolve()
+        if self.auth:  # each node may serve only the partition its key is bound to
+            config = {**config, "partition-binding": str(self.credentials.binding)}
         app = write_app(self.folder / "app")
         run_config = write_run_config(self.folder / "run-config.toml", config, out)
         summary_path = out / "summary.json"
@@ -550,10 +623,17 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls", action="store_true", help="TLS between nodes, CLI and SuperLink")
     parser.add_argument("--auth", action="store_true", help="SuperNode authentication (implies --tls)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds the whole run may take (default 1800)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run the output folder holds (refused without this)")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
+    from fedcmd.server import check_out_dir, make_out_dir
+
     config = load_config(args.config, args.set or [])
+    check_out_dir(Path(args.out), resume=False, overwrite=args.overwrite)  # before any process starts
+    if args.overwrite:
+        make_out_dir(Path(args.out), overwrite=True)  # the ServerApp then finds no run to refuse
     deploy(config, args.out, tls=args.tls, auth=args.auth, timeout=args.timeout)
     print(f"[fedcmd] outputs in {args.out}/, deployment logs in {args.out}/deploy/")
     return 0

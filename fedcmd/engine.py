@@ -18,6 +18,7 @@ from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.serde import message_from_proto, message_to_proto
+from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=no-name-in-module
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -37,7 +38,8 @@ class LocalGrid(Grid):
     `fail(round, partition, message_type)` injects failures: a failing client never replies,
     as when a node vanishes mid-round. `offline` holds partitions whose nodes are down (absent from
     `get_node_ids`), and `restart(partition)` brings one back under a new node id with an empty
-    state, as a restarted SuperNode would.
+    state, as a restarted SuperNode would. `public_keys` (node id -> PEM) are what `get_nodes`
+    reports, as a SuperLink with node authentication does.
     """
 
     def __init__(self, client_app, num_nodes: int, *, fail: FailureRule | None = None, run_id: int = 1) -> None:
@@ -46,6 +48,7 @@ class LocalGrid(Grid):
         self._run_id = run_id
         self.contexts: dict[int, Context] = {}
         self.offline: set[int] = set()
+        self.public_keys: dict[int, bytes] = {}
         self._next_node = 1000
         for pid in range(num_nodes):
             self._add_node(pid)
@@ -82,6 +85,9 @@ class LocalGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return [n for n, c in self.contexts.items() if c.node_config["partition-id"] not in self.offline]
 
+    def get_nodes(self) -> Iterable[NodeInfo]:
+        return [NodeInfo(node_id=n, public_key=self.public_keys.get(n, b"")) for n in self.get_node_ids()]
+
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         raise NotImplementedError("use send_and_receive")
 
@@ -112,13 +118,13 @@ class LocalGrid(Grid):
 
 
 def run_inprocess(config: dict[str, Any], out_dir: str | Path, *, progress: bool = True,
-                  grid: LocalGrid | None = None, resume: bool = False) -> dict:
+                  grid: LocalGrid | None = None, resume: bool = False, overwrite: bool = False) -> dict:
     """Run `config` with the in-process grid; returns the summary."""
     from fedcmd.client_app import app as client_app
     from fedcmd.server import run_experiment
 
     grid = grid or LocalGrid(client_app, config["num-clients"])
-    return run_experiment(grid, config, out_dir, progress=progress, resume=resume)
+    return run_experiment(grid, config, out_dir, progress=progress, resume=resume, overwrite=overwrite)
 
 
 def _ray_env() -> None:
@@ -129,7 +135,7 @@ def _ray_env() -> None:
 
 
 def run_ray(config: dict[str, Any], out_dir: str | Path, *, progress: bool = True,
-            cpus_per_client: float = 1.0, resume: bool = False) -> dict:
+            cpus_per_client: float = 1.0, resume: bool = False, overwrite: bool = False) -> dict:
     """Run `config` on Flower's simulation engine (Ray); returns the summary."""
     import json
 
@@ -145,7 +151,7 @@ def run_ray(config: dict[str, Any], out_dir: str | Path, *, progress: bool = Tru
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            run_server_app(grid, config, out_dir, progress=progress, resume=resume)
+            run_server_app(grid, config, out_dir, progress=progress, resume=resume, overwrite=overwrite)
         except BaseException as err:  # keep it: run_simulation only logs the server thread's failure
             errors.append(err)
             raise

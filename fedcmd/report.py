@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -14,19 +15,75 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+# Every file a run writes into its output folder (besides deploy/ for deployments).
+RUN_OUTPUTS = ("config.toml", "partitions.csv", "metrics.csv", "volume.csv", "rejections.csv", "summary.json",
+               "run.png", "checkpoint.pkl")
+REJECTION_COLUMNS = ("round", "client", "reason")
+
+
 def _cell(value: Any) -> Any:
-    """NaN (a round that was not evaluated, a loss not measured) is written as an empty cell."""
-    return "" if isinstance(value, float) and math.isnan(value) else value
+    """A value as a CSV cell: a figure not measured (None, NaN: e.g. accuracy in a round without
+    evaluation) is an empty cell, which `read_rows` reads back as NaN."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return value
 
 
 def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     columns: list[str] = []
     for row in rows:
         columns += [key for key in row if key not in columns]
-    with open(path, "w", newline="") as fh:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
         writer.writerows({k: _cell(v) for k, v in row.items()} for row in rows)
+    os.replace(tmp, path)  # a reader (or an interrupt) never sees half a table
+
+
+class RunTables:
+    """metrics.csv, volume.csv and rejections.csv, written as the run goes: an interrupted run
+    leaves them readable and complete up to its last checkpointed round.
+
+    `start` writes each file afresh from what the run holds (round 0, or a checkpoint's rounds when
+    resuming: the rows of rounds done are kept, anything written past the checkpoint is dropped, so
+    nothing is duplicated); `append_round` appends one round's rows. metrics.csv is rewritten
+    instead when a row brings new columns (a strategy's figures appear from round 1 on).
+    """
+
+    def __init__(self, out: Path) -> None:
+        self.out = Path(out)
+        self.columns: list[str] = []
+        self.volume_rows = 0
+
+    def start(self, metrics: list[dict[str, Any]], strategy) -> None:
+        self.start_metrics(metrics)
+        strategy.accountant.write_csv(self.out / "volume.csv")
+        self.volume_rows = len(strategy.accountant.rows)
+        with open(self.out / "rejections.csv", "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(REJECTION_COLUMNS)
+            writer.writerows(_rejections(strategy, sorted(strategy.rounds)))
+
+    def append_round(self, server_round: int, metrics: list[dict[str, Any]], strategy) -> None:
+        row = metrics[-1]
+        if any(key not in self.columns for key in row):
+            self.start_metrics(metrics)
+        else:
+            with open(self.out / "metrics.csv", "a", newline="") as fh:
+                csv.DictWriter(fh, fieldnames=self.columns).writerow({k: _cell(v) for k, v in row.items()})
+        strategy.accountant.write_csv(self.out / "volume.csv", start=self.volume_rows)
+        self.volume_rows = len(strategy.accountant.rows)
+        with open(self.out / "rejections.csv", "a", newline="") as fh:
+            csv.writer(fh).writerows(_rejections(strategy, [server_round]))
+
+    def start_metrics(self, metrics: list[dict[str, Any]]) -> None:
+        write_rows(self.out / "metrics.csv", metrics)
+        self.columns = list(dict.fromkeys(key for row in metrics for key in row))
+
+
+def _rejections(strategy, rounds) -> list[tuple]:
+    return [(r, pid, why) for r in rounds for pid, why in strategy.rounds[r].rejected]
 
 
 def read_rows(path: Path) -> list[dict[str, float]]:
@@ -51,14 +108,11 @@ def plot_run(out: Path, metrics: list[dict[str, Any]], title: str) -> None:
     plt.close(fig)
 
 
-def write_run_outputs(out: Path, config: dict[str, Any], strategy, metrics: list[dict[str, Any]],
-                      fedavg_floats: float, wall_seconds: float) -> dict[str, Any]:
+def write_summary(out: Path, config: dict[str, Any], strategy, metrics: list[dict[str, Any]],
+                  fedavg_floats: float, wall_seconds: float) -> dict[str, Any]:
+    """summary.json and run.png of a finished run (its tables are written as it goes: RunTables)."""
     acc = strategy.accountant
-    acc.write_csv(out / "volume.csv")
-    write_rows(out / "metrics.csv", metrics)
-    rejections = [dict(round=r, client=pid, reason=why)
-                  for r, log_ in sorted(strategy.rounds.items()) for pid, why in log_.rejected]
-    write_rows(out / "rejections.csv", rejections or [dict(round="", client="", reason="")])
+    rejections = _rejections(strategy, sorted(strategy.rounds))
     totals = acc.direction_totals()
     floats = totals["floats_up"] + totals["floats_down"]
     trained = [m for m in metrics if m["round"] > 0]

@@ -14,49 +14,77 @@ import math
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Message, RecordDict
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from fedcmd import task
 from fedcmd.accountant import VolumeAccountant, fedavg_floats
-from fedcmd.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from fedcmd.config import keeps_local_state, to_toml
-from fedcmd.data import partition_report, write_partition_report
+from fedcmd.binding import pem_fingerprint, read_binding
+from fedcmd.checkpoint import CHECKPOINT_NAME, Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from fedcmd.config import ConfigError, SetupError, keeps_local_state, to_toml
+from fedcmd.data import DatasetNotFoundError, partition_report, write_partition_report
 from fedcmd.registry import strategy_class
-from fedcmd.report import write_run_outputs
+from fedcmd.report import RUN_OUTPUTS, RunTables, write_summary
 from fedcmd.training import evaluate
 from strategies.base import FedcmdStrategy
 
 log = logging.getLogger("fedcmd")
 
 
-def discover_nodes(grid: Grid, strategy: FedcmdStrategy, server_round: int, timeout: float) -> None:
+def discover_nodes(grid: Grid, strategy: FedcmdStrategy, server_round: int, timeout: float,
+                   binding: dict[str, int] | None = None) -> None:
     """Ask nodes the server has not heard of which partition they hold; forget nodes that left.
 
     Node ids are assigned by Flower (random in simulation, new when a SuperNode reconnects), while
     cohorts are drawn over partition ids, so the server keeps the mapping current every round.
+
+    A claim is a node's word, so it is checked (`FedcmdStrategy.claim_refusal`): an integer in
+    [0, num-clients), and not a partition a live node already serves. With `binding` (key
+    fingerprint -> partition, see `fedcmd.binding`) the claim must be the partition the node's
+    public key is bound to. A refused node is logged, left unregistered (it gets no train
+    message) and asked again next round, so a restarted node is accepted once its old id is gone;
+    its exchange is not in the volume table (it belongs to no partition). Replies are matched to
+    queries by message id, in time linear in the number of nodes.
     """
-    present = set(grid.get_node_ids())
-    for node in list(strategy.partition_of):
-        if node not in present:
-            strategy.forget_node(node)
-    unknown = sorted(present - set(strategy.partition_of))
+    if binding is None:
+        present, keys = set(grid.get_node_ids()), {}
+    else:
+        nodes = list(grid.get_nodes())
+        present, keys = {n.node_id for n in nodes}, {n.node_id: n.public_key for n in nodes}
+    for node in [n for n in strategy.partition_of if n not in present]:
+        strategy.forget_node(node)
+    unknown = sorted(present - strategy.partition_of.keys())
     if not unknown:
         return
     queries = [Message(RecordDict(), dst_node_id=node, message_type="query", group_id=f"discover-{server_round}")
                for node in unknown]
-    for reply in grid.send_and_receive(queries, timeout=timeout):
-        if reply.has_error() or "info" not in reply.content:
+    replies = grid.send_and_receive(queries, timeout=timeout)
+    asked = {q.metadata.message_id: q for q in queries}  # ids exist once the grid has sent them
+    for reply in replies:
+        query = asked.pop(reply.metadata.reply_to_message_id, None)
+        if query is None:
+            log.warning("round %d: ignoring a discovery reply that answers no query", server_round)
             continue
-        pid = int(reply.content["info"]["partition-id"])
-        strategy.register_node(reply.metadata.src_node_id, pid)
+        node = query.metadata.dst_node_id
+        try:
+            pid = partition_claim(reply)
+            refusal = strategy.claim_refusal(node, pid, present)
+            if refusal is None and binding is not None:
+                refusal = binding_refusal(binding, keys.get(node), pid)
+        except Exception as err:  # a reply that makes reading it fail is refused like any other lie
+            refusal = f"unreadable discovery reply: {type(err).__name__}: {err}"
+        if refusal is not None:
+            log.warning("round %d: node %d refused: %s", server_round, node, refusal[:300])
+            continue
+        strategy.register_node(node, pid)
         # Discovery is traffic too: the query down and the reply up, both metadata.
-        query = next(q for q in queries if q.metadata.dst_node_id == reply.metadata.src_node_id)
         strategy.accountant.record_message(server_round, pid, "down", query)
         strategy.accountant.record_message(server_round, pid, "up", reply)
 
@@ -64,6 +92,26 @@ def discover_nodes(grid: Grid, strategy: FedcmdStrategy, server_round: int, time
 def last_accuracy(metrics: list[dict[str, Any]]) -> float:
     """Accuracy of the last evaluated round (rounds between `eval-every` evaluations have none)."""
     return next((m["accuracy"] for m in reversed(metrics) if not math.isnan(m["accuracy"])), float("nan"))
+def partition_claim(reply: Message):
+    """The partition id a discovery reply claims, as sent (checked by the strategy); ValueError if none."""
+    if reply.has_error():
+        raise ValueError(f"error reply: {str(reply.error.reason)[:200]}")
+    info = reply.content.get("info")
+    if not isinstance(info, (MetricRecord, ConfigRecord)) or "partition-id" not in info:
+        raise ValueError("reply has no 'info' record with a 'partition-id'")
+    return info["partition-id"]
+
+
+def binding_refusal(binding: dict[str, int], public_key: bytes | None, partition_id: int) -> str | None:
+    fingerprint = pem_fingerprint(public_key or b"")
+    if fingerprint is None:
+        return "the node has no readable public key, and partitions are bound to keys"
+    bound = binding.get(fingerprint)
+    if bound is None:
+        return f"its public key (sha256 {fingerprint[:16]}...) is bound to no partition"
+    if bound != partition_id:
+        return f"it claims partition {partition_id}, but its public key is bound to partition {bound}"
+    return None
 
 
 def make_strategy(config: dict[str, Any], accountant: VolumeAccountant | None = None) -> FedcmdStrategy:
@@ -89,51 +137,98 @@ class CentralEvaluator:
         return evaluate(self.model, self.x, self.y)
 
 
+def check_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse, before anything is written, an output folder that holds another run's checkpoint or
+    summary, unless the run resumes it or replaces it."""
+    if resume and overwrite:
+        raise SetupError("--resume continues the run in the output folder and --overwrite replaces it: pass one")
+    if out.exists() and not out.is_dir():
+        raise SetupError(f"output folder {out} is a file")
+    if resume or overwrite:
+        return
+    for name, what in ((CHECKPOINT_NAME, "checkpointed"), ("summary.json", "finished")):
+        if (out / name).exists():
+            raise SetupError(f"{out} holds a {what} run ({name}): pass --resume to continue it or "
+                             "--overwrite to replace it, or choose another output folder")
+
+
+def make_out_dir(out: Path, *, overwrite: bool) -> None:
+    """Create the output folder; with `overwrite`, remove the outputs of the run it held."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            for name in RUN_OUTPUTS:
+                (out / name).unlink(missing_ok=True)
+    except OSError as err:
+        raise SetupError(f"cannot write to output folder {out}: {err.strerror or err}") from err
+
+
+@contextmanager
+def setup_errors() -> Iterator[None]:
+    """What building a run from a valid config raises (num-clients above the dataset's size, a
+    partitioner giving up, classes-per-client above the classes, an image too small for the model)
+    as one SetupError line; the config and checkpoint errors, which name their key, as they are."""
+    try:
+        yield
+    except (ConfigError, CheckpointError, DatasetNotFoundError):
+        raise
+    except (ValueError, RuntimeError) as err:
+        raise SetupError("cannot set up the run: " + " ".join(str(err).split())) from err
+
+
 def run_experiment(grid: Grid, config: dict[str, Any], out_dir: str | Path, *, progress: bool = True,
-                   resume: bool = False) -> dict:
+                   resume: bool = False, overwrite: bool = False) -> dict:
     """Run `config` over `grid`, write every output into `out_dir`, return the summary.
 
     A checkpoint is written to `out_dir` after every round; `resume=True` continues from it (see
-    `fedcmd.checkpoint`) and ends with the outputs an uninterrupted run would have written.
+    `fedcmd.checkpoint`) and ends with the outputs an uninterrupted run would have written. A folder
+    holding another run is refused unless `resume` or `overwrite` (which replaces that run).
+    metrics.csv, volume.csv and rejections.csv are appended round by round (`fedcmd.report.RunTables`).
     """
     started = time.perf_counter()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_out_dir(out, resume=resume, overwrite=overwrite)
+    # Everything is checked before anything is written: a refused run leaves the folder as it was.
+    with setup_errors():
+        binding = read_binding(config["partition-binding"]) if config["partition-binding"] else None
+        data = task.dataset(config)
+        parts = task.partitions(config)
+        if resume:
+            evaluator = CentralEvaluator(config)
+            checkpoint = load_checkpoint(out, config)  # restores the RNG states: after anything that draws
+            strategy, metrics, spent = checkpoint.strategy, checkpoint.metrics, checkpoint.wall_seconds
+            first_round = checkpoint.server_round + 1
+        else:
+            strategy = make_strategy(config)
+            evaluator = CentralEvaluator(config)
+            loss, acc = evaluator(strategy.weights, strategy.buffers)  # also checks the model fits the images
+            metrics = [dict(round=0, accuracy=acc, loss=loss, train_loss=float("nan"), sampled=0, accepted=0,
+                            rejected=0, mb_cumulative=0.0, round_seconds=0.0, strategy_seconds=0.0)]
+            spent, first_round = 0.0, 1
+    make_out_dir(out, overwrite=overwrite)
     (out / "config.toml").write_text(to_toml(config))
-    data = task.dataset(config)
-    parts = task.partitions(config)
     write_partition_report(partition_report(data.train_y.numpy(), parts, data.num_classes), out / "partitions.csv")
-
     client_state = out / "client-state"
-    if resume:
-        evaluator = CentralEvaluator(config)
-        checkpoint = load_checkpoint(out, config)  # restores the RNG states: after anything that draws
-        strategy, metrics, spent = checkpoint.strategy, checkpoint.metrics, checkpoint.wall_seconds
-        first_round = checkpoint.server_round + 1
-        if progress:
-            print(f"[fedcmd] {config['strategy']} on {data}: resuming after round {checkpoint.server_round} "
-                  f"(last accuracy {last_accuracy(metrics):.4f})", flush=True)
-    else:
-        strategy = make_strategy(config)
+    if not resume:
         shutil.rmtree(client_state, ignore_errors=True)  # a new run: no client state of an earlier one
         if keeps_local_state(config):
             strategy.run_info["run-token"] = uuid.uuid4().hex
-        evaluator = CentralEvaluator(config)
-        loss, acc = evaluator(strategy.weights, strategy.buffers)
-        metrics = [dict(round=0, accuracy=acc, loss=loss, train_loss=float("nan"), sampled=0, accepted=0,
-                        rejected=0, mb_cumulative=0.0, round_seconds=0.0, strategy_seconds=0.0)]
-        spent, first_round = 0.0, 1
-        if progress:
-            print(f"[fedcmd] {config['strategy']} on {data}, {strategy.weights.size} parameters; "
-                  f"round 0: accuracy {acc:.4f}", flush=True)
     if strategy.run_info.get("run-token"):
         strategy.run_info["client-state-dir"] = str(client_state.resolve())
+    tables = RunTables(out)
+    tables.start(metrics, strategy)
+    if progress and resume:
+        print(f"[fedcmd] {config['strategy']} on {data}: resuming after round {checkpoint.server_round} "
+              f"(last accuracy {last_accuracy(metrics):.4f})", flush=True)
+    elif progress:
+        print(f"[fedcmd] {config['strategy']} on {data}, {strategy.weights.size} parameters; "
+              f"round 0: accuracy {acc:.4f}", flush=True)
     timeout, last = config["round-timeout"], config["num-server-rounds"]
     rows_seen = len(strategy.accountant.rows)
     mb = sum(r.wire_bytes for r in strategy.accountant.rows) / 1e6
     for rnd in range(first_round, last + 1):
         t0 = time.perf_counter()
-        discover_nodes(grid, strategy, rnd, timeout)
+        discover_nodes(grid, strategy, rnd, timeout, binding)
         t1 = time.perf_counter()
         messages = list(strategy.configure_train(rnd, None, None, grid))
         t2 = time.perf_counter()
@@ -163,19 +258,20 @@ def run_experiment(grid: Grid, config: dict[str, Any], out_dir: str | Path, *, p
         # the checkpoint is part of the round's cost (it is saved after the row it holds was made)
         metrics[-1]["checkpoint_seconds"] = time.perf_counter() - t6
         metrics[-1]["round_seconds"] += metrics[-1]["checkpoint_seconds"]
+        tables.append_round(rnd, metrics, strategy)  # after the checkpoint: the tables never run ahead of it
 
     cohorts = [len(strategy.rounds[r].sampled) for r in range(1, config["num-server-rounds"] + 1)]
     reference = fedavg_floats(strategy.weights.size + strategy.buffers.size, cohorts)
-    summary = write_run_outputs(out, config, strategy, metrics, reference, spent + time.perf_counter() - started)
+    summary = write_summary(out, config, strategy, metrics, reference, spent + time.perf_counter() - started)
     if progress:
         print(json.dumps(summary, indent=2), flush=True)
     return summary
 
 
 def run_server_app(grid: Grid, config: dict[str, Any], out_dir: str | Path, progress: bool = True,
-                   resume: bool = False) -> dict:
+                   resume: bool = False, overwrite: bool = False) -> dict:
     """Entry used by ServerApps: the server thread gets its own, bounded, share of the cores."""
     torch.set_num_threads(1)
     if not logging.getLogger().handlers:  # a deployed ServerApp process has none: keep rejections visible
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    return run_experiment(grid, config, out_dir, progress=progress, resume=resume)
+    return run_experiment(grid, config, out_dir, progress=progress, resume=resume, overwrite=overwrite)

@@ -52,10 +52,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fedcmd.apf import FreezingController
-from strategies.base import FedcmdStrategy, ReplyError, read_vector, vector_record, weighted_mean
+from strategies.base import FedcmdStrategy, ReplyError, read_int, read_vector, vector_record, weighted_mean
 from strategies.fedavg import read_buffers
 
 CATCH_UP_KINDS = ("derived", "explicit", "full")  # preference order on equal cost
@@ -84,6 +84,7 @@ def pack_mask(mask: np.ndarray) -> Array:
 
 class APF(FedcmdStrategy):
     name = "apf"
+    reply_metrics = ("model-version", "mask-version")
     aggressive = False
 
     def __init__(self, weights, buffers, config, accountant=None) -> None:
@@ -171,12 +172,14 @@ class APF(FedcmdStrategy):
 
     def parse_reply(self, server_round: int, partition_id: int, content: RecordDict) -> Any:
         sent = self.sent[partition_id]
-        metrics = content.get("metrics")
-        held = (Acked(int(metrics.get("model-version", -2)), int(metrics.get("mask-version", -2)))
-                if isinstance(metrics, MetricRecord) else None)
+        metrics = content["metrics"]
+        held = Acked(read_int(metrics, "model-version"), read_int(metrics, "mask-version"))
         if held != sent:
             raise ReplyError(f"client holds model/mask versions {held}, expected {sent}")
         return read_vector(content, "weights", self.mask.index.size), read_buffers(content, self.buffers.size), held
+
+    def update_pairs(self, update: Any) -> list[tuple[np.ndarray, np.ndarray]]:
+        return [(update[0], self.weights[self.mask.index]), (update[1], self.buffers)]
 
     def on_reply_accepted(self, server_round: int, partition_id: int, update: Any) -> None:
         self.acked[partition_id] = update[2]

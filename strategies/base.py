@@ -6,6 +6,25 @@ subclasses Flower's message-based `Strategy`. Subclasses say what a sampled clie
 (`train_content`), how a reply is read (`parse_reply`) and how accepted replies become the next
 global model (`aggregate`); this class records every message in the accountant and rejects
 replies that are malformed, non-finite or from clients it did not ask.
+
+Every client may lie. Decisions on what a reply must be (anything else is a counted rejection
+with its reason, whatever the exception; nothing in a reply can end the run):
+- A reply is matched to the train message it answers by `reply_to_message_id`, not by the node it
+  claims to come from: a SuperLink error reply ("Node Unavailable") comes from the SuperLink's own
+  node id, and a node has no say in which partition its reply counts for.
+- It holds only the records its strategy reads (`reply_records`), each array record only its
+  `values` array, and a `metrics` record with only the keys the strategy reads; integers that
+  must be integers (store and model versions) are integers, not 1.5 or NaN.
+- `num-examples` must equal the size of the partition the server assigned (the server derives
+  every partition from the config): a client cannot buy itself weight in the mean. The weight
+  used is the server's count.
+- `train-loss` is a finite, non-negative number; it is only reported, never aggregated; so are
+  `local-steps` and `train-seconds` when present.
+- With `max-update-norm` > 0, the L2 norm of the reply's change from the model it was sent (over
+  the values the client sends back) must not exceed it. Off by default: no bound suits every model
+  and learning rate. This bounds how far one client can move the mean in a round; it is not
+  Byzantine-robust aggregation (a client within the bound still shifts the mean by up to
+  bound x its share of the examples, every round, and colluding clients add up).
 """
 
 from __future__ import annotations
@@ -20,6 +39,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedcmd import task
 from fedcmd.accountant import VolumeAccountant
 from fedcmd.sampling import sample_cohort
 
@@ -49,6 +69,8 @@ def read_vector(content: RecordDict, key: str, length: int, dtype=np.float32) ->
     """The `values` array of record `key`, checked for presence, dtype, length and finiteness."""
     if key not in content or not isinstance(content[key], ArrayRecord) or "values" not in content[key]:
         raise ReplyError(f"reply has no '{key}' array")
+    if len(content[key]) != 1:
+        raise ReplyError(f"'{key}' must hold only its 'values' array, got {sorted(content[key])[:5]}")
     values = content[key]["values"].numpy()
     if values.dtype != np.dtype(dtype) or values.ndim != 1:
         raise ReplyError(f"'{key}' must be a flat {np.dtype(dtype).name} array, got {values.dtype} {values.shape}")
@@ -57,6 +79,37 @@ def read_vector(content: RecordDict, key: str, length: int, dtype=np.float32) ->
     if values.dtype.kind == "f" and not np.isfinite(values).all():
         raise ReplyError(f"'{key}' holds NaN or Inf")
     return values
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """A client's value for a log line or a rejection reason, cut short (a list may be huge)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def read_int(metrics: MetricRecord, key: str) -> int:
+    """Metric `key`, which must be an integer (MetricRecord keeps int and float apart)."""
+    value = metrics.get(key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ReplyError(f"metric '{key}' must be an integer, got {shown(value)}")
+    return value
+
+
+def read_number(metrics: MetricRecord, key: str) -> float:
+    """Metric `key`, which must be one finite number."""
+    value = metrics.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+        raise ReplyError(f"metric '{key}' must be a finite number, got {shown(value)}")
+    return float(value)
+
+
+def change_norm(pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> float:
+    """L2 norm of (returned - sent) over all pairs, in float64 (float32 squares overflow near 1e19)."""
+    total = 0.0
+    for returned, sent in pairs:
+        diff = returned.astype(np.float64) - sent.astype(np.float64)
+        total += float(np.dot(diff, diff))
+    return float(np.sqrt(total))
 
 
 def weighted_mean(vectors: list[np.ndarray], weights: list[float]) -> np.ndarray:
@@ -77,10 +130,18 @@ class RoundLog:
     train_seconds: float = 0.0  # sum over accepted replies of the clients' own optimizer-step time
 
 
+# Metrics every client sends: its example count (checked), and figures that are only reported
+# (train loss; optimizer steps made and the seconds they took, clients/common.py).
+REPORTED_METRICS = ("num-examples", "train-loss", "local-steps", "train-seconds")
+
+
 class FedcmdStrategy(Strategy):
     """Base of fedcmd's strategies; see the module docstring."""
 
     name = "base"
+    # What a reply may hold: records (besides `metrics`) and metric keys beyond REPORTED_METRICS.
+    reply_records: tuple[str, ...] = ("weights", "buffers")
+    reply_metrics: tuple[str, ...] = ()
 
     def __init__(self, weights: np.ndarray, buffers: np.ndarray, config: dict[str, Any],
                  accountant: VolumeAccountant | None = None) -> None:
@@ -105,6 +166,11 @@ class FedcmdStrategy(Strategy):
     def aggregate(self, server_round: int, updates: list[tuple[int, Any]]) -> None:
         raise NotImplementedError
 
+    def update_pairs(self, update: Any) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(values a reply returned, the values of the model sent that they replace), for the
+        `max-update-norm` check; called before `aggregate`, while the global model is the one sent."""
+        raise NotImplementedError
+
     def on_reply_accepted(self, server_round: int, partition_id: int, update: Any) -> None:
         """Hook for per-client bookkeeping once a reply passed every check."""
 
@@ -122,6 +188,18 @@ class FedcmdStrategy(Strategy):
     def cohort(self, server_round: int) -> np.ndarray:
         c = self.config
         return sample_cohort(c["num-clients"], c["fraction-train"], c["seed"], server_round)
+
+    def claim_refusal(self, node_id: int, partition_id: Any, live_nodes: set[int]) -> str | None:
+        """Why node `node_id` may not serve `partition_id` (None: it may). Without a key binding the
+        server cannot tell a restarted node from an impostor, so the first live node keeps it."""
+        if isinstance(partition_id, bool) or not isinstance(partition_id, int):
+            return f"partition id must be an integer, got {shown(partition_id)}"
+        if not 0 <= partition_id < self.config["num-clients"]:
+            return f"partition id {partition_id} is outside [0, {self.config['num-clients']})"
+        holder = self.node_of.get(partition_id)
+        if holder is not None and holder != node_id and holder in live_nodes:
+            return f"partition {partition_id} is already served by live node {holder}"
+        return None
 
     def register_node(self, node_id: int, partition_id: int) -> None:
         """Map a node to its data partition; a node that reconnects under a new id replaces the old."""
@@ -150,6 +228,10 @@ class FedcmdStrategy(Strategy):
         log_ = self.rounds.setdefault(server_round, RoundLog())
         log_.sampled = [int(p) for p in self.cohort(server_round)]
         messages = []
+        # The messages themselves: the grid gives them their ids when it sends them, and replies are
+        # matched by those ids. Emptied by aggregate_train, so never in a checkpoint.
+        self.outbox = {server_round: {}}
+        outbox = self.outbox[server_round]
         for pid in log_.sampled:
             node = self.node_of.get(pid)
             if node is None:
@@ -161,39 +243,39 @@ class FedcmdStrategy(Strategy):
             self.accountant.record_message(server_round, pid, "down", msg)
             log_.sent.append(pid)
             messages.append(msg)
+            outbox[pid] = msg
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         log_ = self.rounds.setdefault(server_round, RoundLog())
+        sent = getattr(self, "outbox", {}).pop(server_round, {})
+        asked = {msg.metadata.message_id: pid for pid, msg in sent.items() if msg.metadata.message_id}
         updates, losses, seen = [], [], set()
         for reply in replies:
-            pid = self.partition_of.get(reply.metadata.src_node_id)
-            if pid is None or pid not in log_.sent or pid in seen:
-                log.warning("round %d: ignoring a reply from node %s that was not asked or answered twice",
-                            server_round, reply.metadata.src_node_id)
+            pid = asked.get(reply.metadata.reply_to_message_id)
+            if pid is None or pid in seen:
+                log.warning("round %d: ignoring a reply (from node %s) that answers no train message of this "
+                            "round, or one already answered", server_round, reply.metadata.src_node_id)
                 continue
             seen.add(pid)
             self.accountant.record_message(server_round, pid, "up", reply)
             try:
-                if reply.has_error():
-                    reason = reply.error.reason
-                    raise ReplyError("client error: " + (reason[:300] + " ..." if len(reason) > 300 else reason))
-                update = self.parse_reply(server_round, pid, reply.content)
-                metrics = reply.content.get("metrics")
-                if not isinstance(metrics, MetricRecord) or not metrics.get("num-examples", 0) > 0:
-                    raise ReplyError("reply lacks a positive 'num-examples' metric")
-            except ReplyError as err:
-                log.warning("round %d: rejected reply of client %d: %s", server_round, pid, err)
-                log_.rejected.append((pid, str(err)))
+                update, examples, loss, seconds = self.read_reply(server_round, pid, reply,
+                                                                  sent[pid].metadata.dst_node_id)
+            except Exception as err:  # whatever a reply makes fail (TypeError, ...), the reply is at fault
+                reason = str(err) if isinstance(err, ReplyError) else f"unreadable reply: {type(err).__name__}: {err}"
+                reason = reason[:300] + " ..." if len(reason) > 300 else reason
+                log.warning("round %d: rejected reply of client %d: %s", server_round, pid, reason)
+                log_.rejected.append((pid, reason))
                 self.on_reply_rejected(server_round, pid)
                 continue
-            updates.append((pid, (float(metrics["num-examples"]), update)))
-            losses.append(float(metrics.get("train-loss", float("nan"))))
-            log_.train_seconds += float(metrics.get("train-seconds", 0.0))
+            updates.append((pid, (examples, update)))
+            losses.append(loss)
+            log_.train_seconds += seconds
             log_.accepted.append(pid)
             self.on_reply_accepted(server_round, pid, update)
-        for pid in set(log_.sent) - seen:
+        for pid in sorted(set(log_.sent) - seen):
             log_.rejected.append((pid, "no reply before the round timeout"))
         if updates:
             self.aggregate(server_round, updates)
@@ -201,6 +283,47 @@ class FedcmdStrategy(Strategy):
         else:
             log.warning("round %d: no usable reply; the global model is unchanged", server_round)
         return self.global_arrays(), MetricRecord({"accepted": len(updates)})
+
+    def read_reply(self, server_round: int, partition_id: int, reply: Message, node_id: int
+                   ) -> tuple[Any, float, float, float]:
+        """(update, number of examples, train loss, the client's optimizer-step seconds) of a reply,
+        or ReplyError saying what is wrong."""
+        if reply.has_error():
+            raise ReplyError("client error: " + str(reply.error.reason))
+        if reply.metadata.src_node_id != node_id:
+            raise ReplyError(f"reply comes from node {reply.metadata.src_node_id}, the message went to {node_id}")
+        content = reply.content
+        unexpected = sorted(set(content) - {*self.reply_records, "metrics"})
+        if unexpected:
+            raise ReplyError(f"reply holds records this strategy does not read: {shown(unexpected)}")
+        metrics = content.get("metrics")
+        if not isinstance(metrics, MetricRecord):
+            raise ReplyError("reply has no 'metrics' MetricRecord")
+        unexpected = sorted(set(metrics) - {*REPORTED_METRICS, *self.reply_metrics})
+        if unexpected:
+            raise ReplyError(f"reply holds metrics this strategy does not read: {shown(unexpected)}")
+        expected = self.examples_of(partition_id)
+        examples = read_number(metrics, "num-examples")
+        if examples != expected:
+            raise ReplyError(f"'num-examples' is {shown(metrics['num-examples'])}, "
+                             f"but partition {partition_id} holds {expected} examples")
+        loss = read_number(metrics, "train-loss")
+        if loss < 0:
+            raise ReplyError(f"'train-loss' is negative ({loss})")
+        reported = {key: read_number(metrics, key) for key in ("local-steps", "train-seconds") if key in metrics}
+        if any(value < 0 for value in reported.values()):
+            raise ReplyError(f"a reported figure is negative: {reported}")
+        update = self.parse_reply(server_round, partition_id, content)
+        bound = self.config["max-update-norm"]
+        if bound:
+            norm = change_norm(self.update_pairs(update))
+            if not norm <= bound:
+                raise ReplyError(f"the reply changes the model by {norm:.4g} (L2), above max-update-norm = {bound}")
+        return update, float(expected), loss, reported.get("train-seconds", 0.0)
+
+    def examples_of(self, partition_id: int) -> int:
+        """Size of a partition as the server derives it from the config (cached per process)."""
+        return len(task.partitions(self.config)[partition_id])
 
     def global_arrays(self) -> ArrayRecord:
         return ArrayRecord({"weights": Array(self.weights), "buffers": Array(self.buffers)})

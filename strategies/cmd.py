@@ -37,11 +37,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fedcmd import task
 from fedcmd.cmd import EmbeddingSchedule, OnlineCMD  # noqa: F401
-from strategies.base import FedcmdStrategy, ReplyError, read_vector, vector_record, weighted_mean
+from strategies.base import FedcmdStrategy, ReplyError, read_int, read_vector, vector_record, weighted_mean
 from strategies.fedavg import read_buffers
 
 
@@ -126,6 +126,8 @@ def rebuild_embedded(theta: np.ndarray, embedded_index: np.ndarray, a: np.ndarra
 
 class CMD(FedcmdStrategy):
     name = "cmd"
+    reply_records = ("weights", "references", "buffers")
+    reply_metrics = ("store-version",)
 
     def __init__(self, weights, buffers, config, accountant=None) -> None:
         super().__init__(weights, buffers, config, accountant)
@@ -180,14 +182,20 @@ class CMD(FedcmdStrategy):
         return content
 
     def parse_reply(self, server_round: int, partition_id: int, content: RecordDict) -> Any:
-        metrics = content.get("metrics")
-        held = int(metrics.get("store-version", -1)) if isinstance(metrics, MetricRecord) else -1
+        held = read_int(content["metrics"], "store-version")
         if held != self.sent[(server_round, partition_id)]:
             raise ReplyError(f"client holds coefficient store version {held}, "
                              f"expected {self.sent[(server_round, partition_id)]}")
         weights = read_vector(content, "weights", self.free_index.size)
+        if not self.version and "references" in content:
+            raise ReplyError("'references' sent before any weight was embedded")
         references = read_vector(content, "references", self.reference_index.size) if self.version else None
         return weights, references, read_buffers(content, self.buffers.size), held
+
+    def update_pairs(self, update: Any) -> list[tuple[np.ndarray, np.ndarray]]:
+        weights, references, buffers, _ = update
+        pairs = [(weights, self.weights[self.free_index]), (buffers, self.buffers)]
+        return pairs + ([(references, self.weights[self.reference_index])] if references is not None else [])
 
     def on_reply_accepted(self, server_round: int, partition_id: int, update: Any) -> None:
         self.acked[partition_id] = update[3]

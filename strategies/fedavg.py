@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from flwr.app import RecordDict
 
-from strategies.base import FedcmdStrategy, read_vector, vector_record, weighted_mean
+from strategies.base import FedcmdStrategy, ReplyError, read_vector, vector_record, weighted_mean
 
 
 def model_content(weights: np.ndarray, buffers: np.ndarray) -> RecordDict:
@@ -23,7 +23,11 @@ def model_content(weights: np.ndarray, buffers: np.ndarray) -> RecordDict:
 
 
 def read_buffers(content: RecordDict, length: int) -> np.ndarray:
-    return read_vector(content, "buffers", length) if length else np.zeros(0, dtype=np.float32)
+    if length:
+        return read_vector(content, "buffers", length)
+    if "buffers" in content:  # the sender has no buffers to send: whatever came is not the model's
+        raise ReplyError("'buffers' sent for a model without buffers")
+    return np.zeros(0, dtype=np.float32)
 
 
 class FedAvg(FedcmdStrategy):
@@ -34,6 +38,9 @@ class FedAvg(FedcmdStrategy):
 
     def parse_reply(self, server_round: int, partition_id: int, content: RecordDict) -> Any:
         return read_vector(content, "weights", self.weights.size), read_buffers(content, self.buffers.size)
+
+    def update_pairs(self, update: Any) -> list[tuple[np.ndarray, np.ndarray]]:
+        return [(update[0], self.weights), (update[1], self.buffers)]
 
     def aggregate(self, server_round: int, updates: list[tuple[int, Any]]) -> None:
         counts = [n for _, (n, _) in updates]

@@ -60,3 +60,10 @@ def test_flower_app_config_lists_every_key_with_its_default():
     app_config = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     assert app_config.pop("out-dir") == ""
     assert resolve(app_config) == DEFAULTS and set(app_config) == set(DEFAULTS)
+
+
+@pytest.mark.parametrize("key", ["lr", "round-timeout", "momentum", "max-update-norm"])
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+def test_non_finite_floats_are_refused(key, value):
+    with pytest.raises(ConfigError, match=f"'{key}'.*not a finite number"):
+        load_config(None, [f"{key}={value}"])

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -36,9 +35,8 @@ def merged_config(variant: str, method: str, seed: int) -> dict:
 
 def run_one(args: argparse.Namespace, name: str, path: Path, run_dir: Path) -> int:
     """Run one config in its own `fedcmd run` process; 0 when it finished."""
-    command = [sys.executable, "-m", "fedcmd.cli", "run", str(path), "--out", str(run_dir), "--engine", args.engine]
-    if args.force:
-        shutil.rmtree(run_dir, ignore_errors=True)
+    command = [sys.executable, "-m", "fedcmd.cli", "run", str(path), "--out", str(run_dir), "--engine", args.engine,
+               "--overwrite"]  # what is left of an interrupted (or --force) run starts afresh
     print(f"[table3] {name}: {' '.join(command)}", flush=True)
     started = time.perf_counter()
     if args.quiet:

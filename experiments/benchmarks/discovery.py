@@ -1,0 +1,83 @@
+"""Node discovery cost (issue 13): how long round 1's discovery takes for N in-process clients.
+
+Round 1 asks every node which partition it holds (`fedcmd.server.discover_nodes`): one query down and
+one reply up per node, each round-tripped through Flower's serialisation by fedcmd's in-process grid
+(`LocalGrid`), the real ClientApp answering, every claim checked and both messages counted by the
+volume accountant. The server side was quadratic (each reply looked up its query in a list: 12 s for
+6,000 clients, 150 s for 20,000); it must now be linear, and 20,000 clients under 2 s.
+
+Measured for each N: wall time of `discover_nodes` (best of `--repeats`, each with a fresh strategy
+and grid), split into the grid's time in `send_and_receive` (transport and the ClientApp) and the
+server's (everything else: node listing, claim checks, registering, accounting), and the per-node
+cost, whose flatness over N is the linearity check.
+
+    .venv/bin/python experiments/benchmarks/discovery.py [--clients 1000 5000 10000 20000] [--repeats 3]
+        [--out experiments/benchmarks/results/discovery.json]   (also writes the .md beside it)
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from benchtools import command_line, machine, write_outputs
+from fedcmd.client_app import app as client_app
+from fedcmd.config import resolve
+from fedcmd.engine import LocalGrid
+from fedcmd.server import discover_nodes, make_strategy
+
+
+def time_discovery(num_clients: int) -> dict[str, float]:
+    # Tiny generated data and model: discovery never touches them, the strategy just needs a model.
+    config = resolve({"dataset": "synthetic", "synthetic-train-size": num_clients, "synthetic-test-size": 10,
+                      "synthetic-shape": "1x4x4", "model": "mlp", "num-clients": num_clients})
+    strategy = make_strategy(config)
+    grid = LocalGrid(client_app, num_clients)
+    in_grid = 0.0
+    send = grid.send_and_receive
+
+    def timed_send(messages, *, timeout=None):
+        nonlocal in_grid
+        t0 = time.perf_counter()
+        replies = send(messages, timeout=timeout)
+        in_grid += time.perf_counter() - t0
+        return replies
+
+    grid.send_and_receive = timed_send
+    t0 = time.perf_counter()
+    discover_nodes(grid, strategy, 1, timeout=600.0)
+    total = time.perf_counter() - t0
+    if len(strategy.node_of) != num_clients:
+        raise RuntimeError(f"discovery registered {len(strategy.node_of)} of {num_clients} nodes")
+    return {"seconds": total, "grid_seconds": in_grid, "server_seconds": total - in_grid}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, nargs="+", default=[1000, 5000, 10000, 20000])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "discovery.json")
+    args = parser.parse_args()
+    rows = []
+    for n in args.clients:
+        runs = [time_discovery(n) for _ in range(args.repeats)]
+        best = min(runs, key=lambda r: r["seconds"])
+        rows.append({"clients": n, **best, "us_per_node": 1e6 * best["seconds"] / n,
+                     "server_us_per_node": 1e6 * best["server_seconds"] / n,
+                     "all_seconds": [r["seconds"] for r in runs]})
+        print(f"{n:>6} clients: {best['seconds']:.3f} s (grid {best['grid_seconds']:.3f} s, server "
+              f"{best['server_seconds']:.3f} s), {rows[-1]['us_per_node']:.0f} us per node", flush=True)
+    result = {"command": command_line(), "machine": machine(), "repeats": args.repeats, "rows": rows}
+    lines = ["# Node discovery, in-process grid", "", f"`{result['command']}`", "",
+             "| clients | discovery (s) | grid: transport + ClientApp (s) | server (s) | us per node |",
+             "|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['clients']:,} | {r['seconds']:.3f} | {r['grid_seconds']:.3f} | {r['server_seconds']:.3f} | "
+              f"{r['us_per_node']:.0f} |" for r in rows]
+    lines += ["", f"Best of {args.repeats} runs each; machine: {result['machine']['cpus']} CPUs, load average "
+              f"{result['machine']['load_average']}."]
+    write_outputs(args.out, result, "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
