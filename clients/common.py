@@ -155,11 +155,11 @@ def train_locally(config: Mapping[str, Any], partition_id: int, weights: np.ndar
     data = task.dataset(config)
     index = task.client_index(config, partition_id)
     server_round = int(config["server-round"])
-    stateful = keeps_local_state(config)
-    files = _state_files(config, context, partition_id) if stateful else None
-    state = LocalTrainingState.load(context) if stateful and context is not None else None
-    if stateful and state is None:
-        state = (files.latest_before(server_round) if files else None) or LocalTrainingState()
+    files, state = None, None
+    if keeps_local_state(config):  # the node's own state, else its newest file, else a fresh start
+        files = _state_files(config, context, partition_id)
+        state = ((LocalTrainingState.load(context) if context is not None else None)
+                 or (files.latest_before(server_round) if files else None) or LocalTrainingState())
     optimiser = make_optimizer(model.parameters(), config["optimizer"], lr=config["lr"], momentum=config["momentum"],
                                weight_decay=config["weight-decay"], betas=(config["adam-beta1"], config["adam-beta2"]),
                                eps=config["adam-eps"])
@@ -177,7 +177,8 @@ def train_locally(config: Mapping[str, Any], partition_id: int, weights: np.ndar
     result = run_steps(model, data.train_x, data.train_y, (index[b] for b in batches), optimiser, step_hook)
     seconds = time.perf_counter() - started
     if state is not None:
-        state.position = stream.position if stream is not None else state.position
+        if stream is not None:
+            state.position = stream.position
         state.optimizer = LocalTrainingState.capture(optimiser) if config["optimizer-state"] == "keep" else {}
         state.trained_round = server_round
         if context is not None:

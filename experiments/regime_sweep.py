@@ -98,15 +98,12 @@ def report(rows: list[dict]) -> str:
              "| bytes to target, % of FedAvg's | MB to target |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         reached = [v for v in r["mb_to_target"] if v is not None]
+        to_target = (f"{mean(r['bytes_to_target_pct']):.1f} ({len(reached)} of {len(r['seeds'])} reached "
+                     f"{r['target_pct']:.2f}%) | {mean(reached):.1f}" if reached else
+                     f"not reached ({r['target_pct']:.2f}%) | not reached")
         lines.append(f"| {r['steps']} | {r['method']} | {', '.join(map(str, r['seeds']))} "
                      f"| {mean(r['volume_bytes_pct']):.1f} | {mean(r['volume_floats_pct']):.1f} "
-                     f"| {mean(r['final_accuracy_pct']):.2f} "
-                     f"| {mean(r['bytes_to_target_pct']):.1f} ({len(reached)} of {len(r['seeds'])} reached "
-                     f"{r['target_pct']:.2f}%) | {mean(reached):.1f} |"
-                     if reached else
-                     f"| {r['steps']} | {r['method']} | {', '.join(map(str, r['seeds']))} "
-                     f"| {mean(r['volume_bytes_pct']):.1f} | {mean(r['volume_floats_pct']):.1f} "
-                     f"| {mean(r['final_accuracy_pct']):.2f} | not reached ({r['target_pct']:.2f}%) | not reached |")
+                     f"| {mean(r['final_accuracy_pct']):.2f} | {to_target} |")
     return "\n".join(lines) + "\n"
 
 

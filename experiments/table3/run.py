@@ -39,14 +39,14 @@ def run_one(args: argparse.Namespace, name: str, path: Path, run_dir: Path) -> i
                "--overwrite"]  # what is left of an interrupted (or --force) run starts afresh
     print(f"[table3] {name}: {' '.join(command)}", flush=True)
     started = time.perf_counter()
+    log_path = run_dir.parent / f"{name}.log"
     if args.quiet:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with open(run_dir.parent / f"{name}.log", "w") as log:
+        with open(log_path, "w") as log:
             code = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
     else:
         code = subprocess.run(command, cwd=REPO).returncode
     if code != 0:
-        where = f" (log: {run_dir.parent / f'{name}.log'})" if args.quiet else ""
+        where = f" (log: {log_path})" if args.quiet else ""
         print(f"[table3] {name} failed{where}; stopping (finished runs are kept, rerun to resume)", file=sys.stderr)
         return 1
     if args.quiet:
