@@ -16,9 +16,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 # Every file a run writes into its output folder (besides deploy/ for deployments).
-RUN_OUTPUTS = ("config.toml", "partitions.csv", "metrics.csv", "volume.csv", "rejections.csv", "summary.json",
-               "run.png", "checkpoint.pkl")
+RUN_OUTPUTS = ("config.toml", "partitions.csv", "metrics.csv", "volume.csv", "rejections.csv", "refusals.csv",
+               "summary.json", "run.png", "checkpoint.pkl")
 REJECTION_COLUMNS = ("round", "client", "reason")
+REFUSAL_COLUMNS = ("round", "node", "reason")  # nodes whose partition claim discovery refused
 
 
 def _cell(value: Any) -> Any:
@@ -42,7 +43,7 @@ def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 class RunTables:
-    """metrics.csv, volume.csv and rejections.csv, written as the run goes: an interrupted run
+    """metrics.csv, volume.csv, rejections.csv and refusals.csv, written as the run goes: an interrupted run
     leaves them readable and complete up to its last checkpointed round.
 
     `start` writes each file afresh from what the run holds (round 0, or a checkpoint's rounds when
@@ -60,10 +61,11 @@ class RunTables:
         self.start_metrics(metrics)
         strategy.accountant.write_csv(self.out / "volume.csv")
         self.volume_rows = len(strategy.accountant.rows)
-        with open(self.out / "rejections.csv", "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(REJECTION_COLUMNS)
-            writer.writerows(_rejections(strategy, sorted(strategy.rounds)))
+        for name, columns, rows in self._events(strategy, sorted(strategy.rounds)):
+            with open(self.out / name, "w", newline="") as fh:
+                writer = csv.writer(fh)
+                writer.writerow(columns)
+                writer.writerows(rows)
 
     def append_round(self, server_round: int, metrics: list[dict[str, Any]], strategy) -> None:
         row = metrics[-1]
@@ -74,8 +76,14 @@ class RunTables:
                 csv.DictWriter(fh, fieldnames=self.columns).writerow({k: _cell(v) for k, v in row.items()})
         strategy.accountant.write_csv(self.out / "volume.csv", start=self.volume_rows)
         self.volume_rows = len(strategy.accountant.rows)
-        with open(self.out / "rejections.csv", "a", newline="") as fh:
-            csv.writer(fh).writerows(_rejections(strategy, [server_round]))
+        for name, _, rows in self._events(strategy, [server_round]):
+            with open(self.out / name, "a", newline="") as fh:
+                csv.writer(fh).writerows(rows)
+
+    @staticmethod
+    def _events(strategy, rounds) -> list[tuple[str, tuple[str, ...], list[tuple]]]:
+        return [("rejections.csv", REJECTION_COLUMNS, _rejections(strategy, rounds)),
+                ("refusals.csv", REFUSAL_COLUMNS, _refusals(strategy, rounds))]
 
     def start_metrics(self, metrics: list[dict[str, Any]]) -> None:
         write_rows(self.out / "metrics.csv", metrics)
@@ -84,6 +92,10 @@ class RunTables:
 
 def _rejections(strategy, rounds) -> list[tuple]:
     return [(r, pid, why) for r in rounds for pid, why in strategy.rounds[r].rejected]
+
+
+def _refusals(strategy, rounds) -> list[tuple]:
+    return [(r, node, why) for r in rounds for node, why in strategy.rounds[r].refused]
 
 
 def read_rows(path: Path) -> list[dict[str, float]]:
@@ -126,7 +138,8 @@ def write_summary(out: Path, config: dict[str, Any], strategy, metrics: list[dic
         best_round=best["round"],
         **{k: float(v) for k, v in totals.items()},
         fedavg_floats=fedavg_floats, volume_ratio=floats / fedavg_floats if fedavg_floats else math.nan,
-        replies_rejected=len(rejections), wall_seconds=wall_seconds,
+        replies_rejected=len(rejections), nodes_refused=len(_refusals(strategy, sorted(strategy.rounds))),
+        wall_seconds=wall_seconds,
         round_seconds_mean=sum(m["round_seconds"] for m in trained) / max(len(trained), 1),
         strategy_seconds_mean=sum(m["strategy_seconds"] for m in trained) / max(len(trained), 1),
     )

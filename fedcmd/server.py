@@ -33,7 +33,7 @@ from fedcmd.data import DatasetNotFoundError, partition_report, write_partition_
 from fedcmd.registry import strategy_class
 from fedcmd.report import RUN_OUTPUTS, RunTables, write_summary
 from fedcmd.training import evaluate
-from strategies.base import FedcmdStrategy
+from strategies.base import FedcmdStrategy, RoundLog
 
 log = logging.getLogger("fedcmd")
 
@@ -50,7 +50,8 @@ def discover_nodes(grid: Grid, strategy: FedcmdStrategy, server_round: int, time
     fingerprint -> partition, see `fedcmd.binding`) the claim must be the partition the node's
     public key is bound to. A refused node is logged, left unregistered (it gets no train
     message) and asked again next round, so a restarted node is accepted once its old id is gone;
-    its exchange is not in the volume table (it belongs to no partition). Replies are matched to
+    its exchange is not in the volume table (it belongs to no partition); the refusal is in the
+    round's log (refusals.csv, `nodes_refused` in the summary). Replies are matched to
     queries by message id, in time linear in the number of nodes.
     """
     if binding is None:
@@ -82,6 +83,7 @@ def discover_nodes(grid: Grid, strategy: FedcmdStrategy, server_round: int, time
             refusal = f"unreadable discovery reply: {type(err).__name__}: {err}"
         if refusal is not None:
             log.warning("round %d: node %d refused: %s", server_round, node, refusal[:300])
+            strategy.rounds.setdefault(server_round, RoundLog()).refused.append((node, refusal[:300]))
             continue
         strategy.register_node(node, pid)
         # Discovery is traffic too: the query down and the reply up, both metadata.

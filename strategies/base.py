@@ -126,6 +126,7 @@ class RoundLog:
     sent: list[int] = field(default_factory=list)
     accepted: list[int] = field(default_factory=list)
     rejected: list[tuple[int, str]] = field(default_factory=list)
+    refused: list[tuple[int, str]] = field(default_factory=list)  # (node id, why discovery refused its claim)
     train_loss: float = float("nan")
     train_seconds: float = 0.0  # sum over accepted replies of the clients' own optimizer-step time
 
@@ -251,14 +252,18 @@ class FedcmdStrategy(Strategy):
         log_ = self.rounds.setdefault(server_round, RoundLog())
         sent = getattr(self, "outbox", {}).pop(server_round, {})
         asked = {msg.metadata.message_id: pid for pid, msg in sent.items() if msg.metadata.message_id}
-        updates, losses, seen = [], [], set()
+        answered: dict[int, Message] = {}
         for reply in replies:
             pid = asked.get(reply.metadata.reply_to_message_id)
-            if pid is None or pid in seen:
+            if pid is None or pid in answered:
                 log.warning("round %d: ignoring a reply (from node %s) that answers no train message of this "
                             "round, or one already answered", server_round, reply.metadata.src_node_id)
                 continue
-            seen.add(pid)
+            answered[pid] = reply
+        # Replies are read in partition order, not arrival order, so that every float sum over them
+        # (train loss, client seconds) and every table row is the same however the nodes raced.
+        updates, losses, seen = [], [], set(answered)
+        for pid, reply in sorted(answered.items()):
             self.accountant.record_message(server_round, pid, "up", reply)
             try:
                 update, examples, loss, seconds = self.read_reply(server_round, pid, reply,

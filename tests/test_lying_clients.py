@@ -265,7 +265,8 @@ def test_a_partition_bound_to_a_key_refuses_other_keys(config, tmp_path, caplog)
     del grid.contexts[grid.node_of(1)]  # partition 1's own node is down
     thief = grid._add_node(1)
     grid.public_keys[thief] = pem(keys[0])  # node 0's key, claiming partition 1
-    grid.public_keys[grid._add_node(1)] = pem(stranger)
+    stranger_node = grid._add_node(1)
+    grid.public_keys[stranger_node] = pem(stranger)
     keyless = grid._add_node(1)
     with caplog.at_level(logging.WARNING, logger="fedcmd"):
         run_inprocess(config, tmp_path / "run", progress=False, grid=grid)
@@ -276,6 +277,10 @@ def test_a_partition_bound_to_a_key_refuses_other_keys(config, tmp_path, caplog)
     assert f"node {keyless} refused: the node has no readable public key" in refused
     rejections = {(r["round"], r["client"], r["reason"]) for r in read_csv(tmp_path / "run" / "rejections.csv")}
     assert rejections == {(str(rnd), "1", "unreachable: no node holds this partition") for rnd in (1, 2, 3)}
+    # The run's refusals table holds each refused node in every round (they are asked again each round).
+    refusals = read_csv(tmp_path / "run" / "refusals.csv")
+    assert sorted((int(r["round"]), int(r["node"])) for r in refusals) == sorted(
+        (rnd, node) for rnd in (1, 2, 3) for node in (thief, stranger_node, keyless))
 
 
 # ----- fuzz -----------------------------------------------------------------------------------------
