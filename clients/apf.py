@@ -5,7 +5,8 @@ version (the round whose global model it is; -1: none), and the active mask (pac
 version. A train message says how to reach the server's current global model (see
 `strategies/apf.py`): `full` replaces the model; `derived` writes the values at the positions of
 the mask this client holds; `explicit` writes them at the positions of the `masks/changed` bit
-mask. Then `masks/active`, when present, replaces the mask. Any inconsistency between what the
+mask; `delta` (a lossy codec-down) adds the decoded change at those positions to what it holds.
+Then `masks/active`, when present, replaces the mask. Any inconsistency between what the
 message assumes and what this client holds raises `SyncError` (the server then resends everything)
 rather than training on a wrong model.
 
@@ -20,16 +21,13 @@ from typing import Any, Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, MetricRecord, RecordDict
 
-from clients.common import hold_fixed, local_model, train_locally
+from clients.common import SyncError, Uplink, hold_fixed, local_model, train_locally
 from fedcmd import task
-from strategies.base import read_vector, vector_record
+from fedcmd.codecs import Codec
+from strategies.base import make_codec, read_encoded, read_vector
 from strategies.fedavg import read_buffers
 
 STATE_KEY = "apf-sync"
-
-
-class SyncError(ValueError):
-    """A train message that does not apply to the model this client holds."""
 
 
 class SyncedModel:
@@ -66,7 +64,10 @@ class SyncedModel:
         if not head["from-version"] <= self.model_version <= head["model-version"]:
             raise SyncError(f"'{kind}' catch-up covers model versions {head['from-version']}.."
                             f"{head['model-version']}, but this client holds version {self.model_version}")
-        if kind == "derived":
+        if kind == "delta" and self.model_version != head["model-version"] - 1:
+            raise SyncError(f"'delta' catch-up for model version {head['model-version']}, "
+                            f"but this client holds version {self.model_version}")
+        if kind in ("derived", "delta"):
             if self.mask_version != head["base-mask-version"]:
                 raise SyncError(f"'derived' catch-up assumes mask version {head['base-mask-version']}, "
                                 f"but this client holds version {self.mask_version}")
@@ -85,12 +86,16 @@ class SyncedModel:
                             f"but this client holds version {self.mask_version}")
         return self.active
 
-    def apply(self, content: RecordDict) -> None:
-        """Bring model and mask to the versions the message states; on SyncError nothing changes."""
+    def apply(self, content: RecordDict, codec: Codec = Codec()) -> None:
+        """Bring model and mask to the versions the message states; on SyncError nothing changes.
+        `delta` values are the decoded change (`codec`, the downlink's) from what this client holds."""
         head = content["apf"]
         kind = str(head["catch-up"])
         index = None if kind == "full" else self._positions(content, kind, head)
-        values = read_vector(content, "weights", self.n_params if index is None else index.size)
+        if kind == "delta":
+            values = self.weights[index] + read_encoded(content, "weights", index.size, codec)
+        else:
+            values = read_vector(content, "weights", self.n_params if index is None else index.size)
         active = self._next_mask(content, int(head["mask-version"]))
         if index is None:
             self.weights = values.copy()
@@ -103,17 +108,17 @@ class SyncedModel:
 def train(content: RecordDict, context: Context, config: Mapping[str, Any], partition_id: int) -> RecordDict:
     weight_layout, buffer_layout = task.layouts(config)
     synced = SyncedModel.load(context, weight_layout.numel)
-    synced.apply(content)
+    synced.apply(content, make_codec(dict(config), "down"))
     synced.save(context)
     buffers = read_buffers(content, buffer_layout.numel)
     frozen = np.flatnonzero(~synced.active)
     model, _, _ = local_model(config)
     hook = hold_fixed(weight_layout, model, frozen, synced.weights[frozen])
-    trained, buffers, metrics = train_locally(config, partition_id, synced.weights, buffers, step_hook=hook,
-                                              context=context)
-    reply = RecordDict({"weights": vector_record(trained[synced.active])})
-    if buffers.size:
-        reply["buffers"] = vector_record(buffers)
+    uplink = Uplink(config, partition_id, synced.weights, buffers, {"weights": np.flatnonzero(synced.active),
+                                                                    "buffers": None})
+    _, _, metrics = train_locally(config, partition_id, synced.weights, buffers, step_hook=hook, context=context,
+                                  uplink=uplink)
+    reply = uplink.content
     reply["metrics"] = MetricRecord({**metrics, "model-version": synced.model_version,
                                      "mask-version": synced.mask_version})
     return reply

@@ -17,9 +17,8 @@ from typing import Any, Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, MetricRecord, RecordDict
 
-from clients.common import hold_fixed, local_model, train_locally
+from clients.common import Downlink, Uplink, hold_fixed, local_model, train_locally
 from fedcmd import task
-from strategies.base import read_vector, vector_record
 from strategies.cmd import EmbeddingEvent, decode_events, mode_dtype, rebuild_embedded
 from strategies.fedavg import read_buffers
 
@@ -127,9 +126,11 @@ def train(content: RecordDict, context: Context, config: Mapping[str, Any], part
     store.apply(*decode_events(content, n))
     store.save(context)
     free = store.free_index()
-    weights = read_vector(content, "weights", free.size)
-    references = read_vector(content, "references", store.reference_index.size) if store.version else None
+    downlink = Downlink(content, context, config)
+    weights = downlink.values("weights", free)
+    references = downlink.values("references", store.reference_index) if store.version else None
     theta = store.rebuild(weights, references)
+    downlink.keep(theta)
     buffers = read_buffers(content, buffer_layout.numel)
     hook = None
     if config["cmd-embedded-training"] == "frozen" and store.version:
@@ -138,11 +139,10 @@ def train(content: RecordDict, context: Context, config: Mapping[str, Any], part
         if content["cmd"].get("hold-references", False):
             held = np.union1d(held, store.reference_index)
         hook = hold_fixed(weight_layout, model, held, theta[held])
-    theta, buffers, metrics = train_locally(config, partition_id, theta, buffers, step_hook=hook, context=context)
-    reply = RecordDict({"weights": vector_record(theta[free])})
-    if store.version:
-        reply["references"] = vector_record(theta[store.reference_index])
-    if buffers.size:
-        reply["buffers"] = vector_record(buffers)
-    reply["metrics"] = MetricRecord({**metrics, "store-version": store.version})
+    records = {"weights": free, **({"references": store.reference_index} if store.version else {}), "buffers": None}
+    uplink = Uplink(config, partition_id, theta, buffers, records)
+    _, _, metrics = train_locally(config, partition_id, theta, buffers, step_hook=hook, context=context, uplink=uplink)
+    reply = uplink.content
+    versions = {"store-version": store.version, **({"model-version": downlink.version} if downlink.head else {})}
+    reply["metrics"] = MetricRecord({**metrics, **versions})
     return reply

@@ -27,7 +27,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Context
+from flwr.app import Array, ArrayRecord, Context, RecordDict
 from torch import nn
 
 from fedcmd import task
@@ -35,6 +35,8 @@ from fedcmd.config import keeps_local_state
 from fedcmd.flat import ParamLayout
 from fedcmd.sampling import local_seed
 from fedcmd.training import BatchStream, default_device, epoch_batches, make_optimizer, run_steps
+from fedcmd.codecs import with_error_feedback
+from strategies.base import codec_rng, encoded_record, make_codec, read_encoded, read_vector, vector_record
 
 STATE_KEY = "local-training"
 
@@ -57,20 +59,23 @@ class LocalTrainingState:
     """A client's batch-stream position and optimiser state between rounds (see module docstring)."""
 
     def __init__(self, position: tuple[int, int] = (0, 0), optimizer: dict[str, np.ndarray] | None = None,
-                 trained_round: int = 0) -> None:
+                 trained_round: int = 0, residual: dict[str, np.ndarray] | None = None) -> None:
         self.position = position
         self.optimizer = optimizer or {}   # "<param index>/<state name>" -> array
         self.trained_round = trained_round
+        self.residual = residual or {}     # "weights" / "buffers" -> topk uplink error-feedback residual
 
     # --- the node's context.state ---------------------------------------------------------------
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> "LocalTrainingState":
         pass_index, offset, trained_round = (int(v) for v in arrays["position"])
-        return cls((pass_index, offset), {k[4:]: v for k, v in arrays.items() if k.startswith("opt/")}, trained_round)
+        return cls((pass_index, offset), {k[4:]: v for k, v in arrays.items() if k.startswith("opt/")}, trained_round,
+                   {k[3:]: np.array(v) for k, v in arrays.items() if k.startswith("ef/")})
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         arrays = {"position": np.array([*self.position, self.trained_round], dtype=np.int64)}
         arrays.update({f"opt/{k}": v for k, v in self.optimizer.items()})
+        arrays.update({f"ef/{k}": v for k, v in self.residual.items()})
         return arrays
 
     @classmethod
@@ -140,13 +145,108 @@ def _state_files(config: Mapping[str, Any], context: Context | None, partition_i
     return StateFiles(folder, token, partition_id) if folder and token else None
 
 
+class HeldModel:
+    """The global weights a client last received (all N, embedded ones rebuilt) and their model
+    version: what the changes of a lossy downlink (`codec-down`) are added to. Kept in the node's
+    `context.state` only: a client that lost it answers a `delta` message with an error, and the
+    server sends it the model as it is from then on (as after any rejected reply)."""
+
+    KEY = "held-model"
+
+    def __init__(self, weights: np.ndarray | None = None, version: int = -1) -> None:
+        self.weights, self.version = weights, version
+
+    @classmethod
+    def load(cls, context: Context) -> "HeldModel":
+        record = context.state.get(cls.KEY)
+        if not isinstance(record, ArrayRecord):
+            return cls()
+        return cls(record["weights"].numpy(), int(record["version"].numpy()[0]))
+
+    def save(self, context: Context) -> None:
+        context.state[self.KEY] = ArrayRecord({"weights": Array(np.ascontiguousarray(self.weights)),
+                                               "version": Array(np.array([self.version], dtype=np.int64))})
+
+
+class Downlink:
+    """How a client reads the dense values of a train message: as they are, or (a `sync` record of
+    kind `delta`, codec-down lossy) as the decoded change from the model it holds."""
+
+    def __init__(self, content: RecordDict, context: Context, config: Mapping[str, Any]) -> None:
+        self.head = content.get("sync") if "sync" in content else None
+        self.content, self.context = content, context
+        self.codec = make_codec(dict(config), "down")
+        self.held = HeldModel.load(context) if self.head is not None else None
+        if self.head is not None and self.head["kind"] == "delta":
+            if self.held.version != int(self.head["model-version"]) - 1:
+                raise SyncError(f"'delta' message for model version {self.head['model-version']}, but this client "
+                                f"holds version {self.held.version}")
+
+    @property
+    def version(self) -> int | None:
+        return int(self.head["model-version"]) if self.head is not None else None
+
+    def values(self, key: str, index: np.ndarray) -> np.ndarray:
+        """The values of record `key`, which sits at weight positions `index`."""
+        if self.head is None or self.head["kind"] != "delta":
+            return read_vector(self.content, key, index.size)
+        return self.held.weights[index] + read_encoded(self.content, key, index.size, self.codec)
+
+    def keep(self, weights: np.ndarray) -> None:
+        """Hold the rebuilt global weights for the next message (a no-op without a lossy downlink)."""
+        if self.head is not None:
+            HeldModel(weights.copy(), self.version).save(self.context)
+
+
+class SyncError(ValueError):
+    """A train message that does not apply to the model this client holds."""
+
+
+class Uplink:
+    """How a client's trained values go back: as they are (codec-up none) or as the codec's encoding
+    of their change from the values it received (both sides hold those exactly). Under topk the
+    part not sent is kept as the client's residual (error feedback) and added to the next change,
+    per position of the weights (or buffers): `LocalTrainingState.residual`, saved with the state."""
+
+    def __init__(self, config: Mapping[str, Any], partition_id: int, received: np.ndarray,
+                 received_buffers: np.ndarray, records: dict[str, np.ndarray | None]) -> None:
+        self.config, self.partition_id = config, partition_id
+        self.codec = make_codec(dict(config), "up")
+        self.received, self.received_buffers = received, received_buffers
+        self.positions = records  # record key -> weight positions (None for "buffers": all of them)
+        self.content = RecordDict()
+
+    def encode(self, weights: np.ndarray, buffers: np.ndarray, state: "LocalTrainingState | None") -> RecordDict:
+        for key, index in self.positions.items():
+            group = "buffers" if key == "buffers" else "weights"
+            at = slice(None) if index is None else index
+            new, sent = (buffers, self.received_buffers) if group == "buffers" else (weights[at], self.received[at])
+            if group == "buffers" and not new.size:
+                continue
+            if self.codec.lossless:
+                self.content[key] = vector_record(new)
+                continue
+            change = new - sent
+            rng = codec_rng(dict(self.config), int(self.config["server-round"]), "up", self.partition_id, key)
+            if self.codec.name == "topk":
+                full = buffers if group == "buffers" else weights
+                residual = state.residual.setdefault(group, np.zeros(full.size, dtype=np.float32))
+                arrays, _, residual[at] = with_error_feedback(self.codec, change, residual[at], rng)
+            else:
+                arrays = self.codec.encode(change, rng)
+            self.content[key] = encoded_record(arrays)
+        return self.content
+
+
 def train_locally(config: Mapping[str, Any], partition_id: int, weights: np.ndarray, buffers: np.ndarray,
                   step_hook: Callable[[nn.Module], None] | None = None, context: Context | None = None,
-                  ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+                  uplink: Uplink | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
     """Load (weights, buffers) into the model, train on this client's partition, return the result.
 
     `context` is the node's: it carries the batch-stream position and optimiser state between
     rounds when the config keeps them (without one, e.g. in a direct call, they start afresh).
+    `uplink`, when given, encodes the trained values into `uplink.content` before the state (which
+    holds topk's residual) is saved.
     """
     torch.set_num_threads(1)  # one core per client: clients run side by side on a shared machine
     model, weight_layout, buffer_layout = local_model(config)
@@ -176,6 +276,9 @@ def train_locally(config: Mapping[str, Any], partition_id: int, weights: np.ndar
     started = time.perf_counter()
     result = run_steps(model, data.train_x, data.train_y, (index[b] for b in batches), optimiser, step_hook)
     seconds = time.perf_counter() - started
+    trained, trained_buffers = weight_layout.flatten(model), buffer_layout.flatten(model)
+    if uplink is not None:
+        uplink.encode(trained, trained_buffers, state)
     if state is not None:
         if stream is not None:
             state.position = stream.position
@@ -187,7 +290,7 @@ def train_locally(config: Mapping[str, Any], partition_id: int, weights: np.ndar
             files.write(state)
     metrics = {"num-examples": float(len(index)), "train-loss": float(result["train_loss"]),
                "local-steps": float(result["steps"]), "train-seconds": seconds}
-    return weight_layout.flatten(model), buffer_layout.flatten(model), metrics
+    return trained, trained_buffers, metrics
 
 
 def hold_fixed(layout: ParamLayout, model: nn.Module, index: np.ndarray, values: np.ndarray

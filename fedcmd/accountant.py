@@ -3,8 +3,14 @@ direction and category, in values, float32-equivalents, raw bytes and serialised
 
 Categories are the keys of the records in a message's RecordDict: a strategy puts the dense model
 values under `weights`, CMD reference values under `references`, (a, b, mode) under
-`coefficients`, and so on. Everything that is not one of these array records (config, metrics,
-the message envelope) is `metadata`.
+`coefficients`, and so on. Everything that is not an array record (config, metrics, the message
+envelope) is `metadata`. An array record under any other key is an error in a message the server
+sends (a strategy added a payload the accountant would not count); in a reply it is booked as
+`unread` (a client sent it; the strategy rejects the reply, but the bytes crossed the wire).
+
+The dense payloads (`weights`, `references`, `buffers`) may be encoded by a wire codec
+(`fedcmd.codecs`): their `values` are the dense values the payload carries (what it decodes to)
+and their raw bytes the encoded size, so 8 * raw bytes / values is the payload's bits per value.
 
 Serialised bytes are what Flower 1.41 transmits: a message travels as a tree of inflatable
 objects (Message, RecordDict, records, Arrays, ArrayChunks), each a header plus a body; the sum of
@@ -22,7 +28,10 @@ import numpy as np
 from flwr.app import ArrayRecord, Message
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, no_object_id_recompute
 
-CATEGORIES = ("weights", "buffers", "references", "coefficients", "indices", "masks")
+from fedcmd.codecs import describe
+
+PAYLOADS = ("weights", "buffers", "references")  # dense values, possibly codec-encoded
+CATEGORIES = (*PAYLOADS, "coefficients", "indices", "masks", "unread")
 METADATA = "metadata"
 DIRECTIONS = ("up", "down")
 
@@ -57,6 +66,15 @@ def _size(array) -> tuple[int, int]:
     return int(values.size), int(values.nbytes)
 
 
+def _payload_size(record: ArrayRecord) -> tuple[int, int]:
+    """(dense values, encoded bytes) of a dense payload, whichever codec encoded it."""
+    try:
+        arrays = {name: array.numpy() for name, array in record.items()}
+    except Exception:  # a client's bytes that do not decode are still traffic
+        return 0, sum(len(array.data) for array in record.values())
+    return describe(arrays)
+
+
 class VolumeAccountant:
     """Rows of measured traffic, with totals per round and per run."""
 
@@ -79,13 +97,22 @@ class VolumeAccountant:
         counted = 0
         if message.has_content():
             for key, record in message.content.items():
-                if key not in CATEGORIES or not isinstance(record, ArrayRecord):
+                if not isinstance(record, ArrayRecord):
                     continue
+                category = key
+                if key not in CATEGORIES or key == "unread":
+                    if direction == "down":
+                        raise ValueError(f"a message to client {client} holds an array record under {key!r}, "
+                                         f"which the volume accountant does not know (categories: {CATEGORIES})")
+                    category = "unread"
                 size = wire_size(record)
                 counted += size
-                sizes = [_size(array) for array in record.values()]
-                self.record(server_round, client, direction, key, values=sum(v for v, _ in sizes),
-                            raw_bytes=sum(b for _, b in sizes), wire_bytes=size)
+                if category in PAYLOADS:
+                    values, raw = _payload_size(record)
+                else:
+                    sizes = [_size(array) for array in record.values()]
+                    values, raw = sum(v for v, _ in sizes), sum(b for _, b in sizes)
+                self.record(server_round, client, direction, category, values=values, raw_bytes=raw, wire_bytes=size)
         # Metadata has no model payload: its cost is only its serialised size.
         self.record(server_round, client, direction, METADATA, values=0, raw_bytes=0, wire_bytes=total - counted)
         return total
@@ -109,6 +136,15 @@ class VolumeAccountant:
         return dict(floats_up=up["floats"], floats_down=down["floats"],
                     bytes_up=up["wire_bytes"], bytes_down=down["wire_bytes"],
                     raw_bytes_up=up["raw_bytes"], raw_bytes_down=down["raw_bytes"])
+
+    def bits_per_value(self) -> dict[str, float]:
+        """Payload bits per dense value sent, per direction (32 for float32; NaN without payload)."""
+        out = {}
+        for direction in DIRECTIONS:
+            rows = [r for r in self.rows if r.direction == direction and r.category in PAYLOADS]
+            values = sum(r.values for r in rows)
+            out[direction] = 8.0 * sum(r.raw_bytes for r in rows) / values if values else float("nan")
+        return out
 
     def round_totals(self) -> dict[int, dict[str, float]]:
         return {key[0]: value for key, value in sorted(self.totals(("round",)).items())}

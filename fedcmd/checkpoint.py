@@ -91,7 +91,7 @@ def load_checkpoint(out: str | Path, config: dict[str, Any]) -> Checkpoint:
     strategy.node_of.clear()
     strategy.partition_of.clear()
     for pid in partitions:
-        strategy.on_node_changed(pid)
+        strategy.client_reset(pid)
     checkpoint.config = config
     rng = state["rng"]
     torch.set_rng_state(rng["torch"])

@@ -153,18 +153,22 @@ def table_rows(groups: dict[str, list[Run]], baseline: str) -> list[dict[str, ob
             "mb_up": [r.bytes_up / 1e6 for r in runs], "mb_down": [r.bytes_down / 1e6 for r in runs],
             "final_accuracy": [100.0 * r.summary["final_accuracy"] for r in runs],
             "best_accuracy": [100.0 * r.summary["best_accuracy"] for r in runs],
+            # payload bits per dense value (32: float32; a wire codec lowers it); – for runs before codecs
+            "bits_up": [r.summary.get("bits_per_value_up", math.nan) for r in runs],
+            "bits_down": [r.summary.get("bits_per_value_down", math.nan) for r in runs],
         })
     return rows
 
 
 def render(rows: list[dict[str, object]]) -> str:
     head = ("| method | seeds | volume % (floats) | volume % (bytes) | volume % (paper-style) | MB up | MB down "
-            "| final accuracy % | best accuracy % |")
+            "| bits/value up | bits/value down | final accuracy % | best accuracy % |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for row in rows:
         lines.append(f"| {row['method']} | {', '.join(map(str, row['seeds']))} | {fmt(row['volume_floats'])} "
                      f"| {fmt(row['volume_bytes'])} | {fmt(row['volume_paper'])} | {fmt(row['mb_up'], 2)} "
-                     f"| {fmt(row['mb_down'], 2)} | {fmt(row['final_accuracy'], 2)} | {fmt(row['best_accuracy'], 2)} |")
+                     f"| {fmt(row['mb_down'], 2)} | {fmt(row['bits_up'], 2)} | {fmt(row['bits_down'], 2)} "
+                     f"| {fmt(row['final_accuracy'], 2)} | {fmt(row['best_accuracy'], 2)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -323,6 +327,8 @@ def compare(paths: list[str | Path], baseline: str = "fedavg", out: str | Path |
         "- volume % (paper-style): the strategy's own count (`paper_volume_ratio`), which leaves out masks, "
         "catch-up and metadata; – where the strategy has none.",
         "- MB: serialised, 10^6 bytes, all rounds. Accuracy: central test set, final and best round.",
+        "- bits/value: encoded bytes x 8 of the dense payloads (weights, references, buffers) per value they carry "
+        "(32: float32; lower under a wire codec); – for runs that predate the codecs.",
         "",
         f"Traffic to first reach {100 * target:.2f}% test accuracy"
         + (f" ({baseline}'s mean final accuracy minus 0.5 point)" if default else "") + ":",

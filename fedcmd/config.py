@@ -12,6 +12,8 @@ import tomllib
 from pathlib import Path
 from typing import Any, Callable
 
+from fedcmd.codecs import CODECS
+
 STRATEGY_NAMES = ("fedavg", "cmd", "apf", "a-apf")
 PARTITION_NAMES = ("iid", "dirichlet", "pathological")
 OPTIMIZER_NAMES = ("sgd", "adam")  # fedcmd.training.make_optimizer
@@ -91,6 +93,12 @@ SCHEMA: dict[str, tuple[type, Any, Callable[[Any], bool] | None, str]] = {
     "apf-check-every": (int, 1, _positive, "a positive integer"),
     "apf-tighten-at": (float, 0.8, _fraction, "in (0, 1]"),
     "apf-random-freeze-periods": (int, 1, _positive, "a positive integer"),  # A-APF's random freeze length
+    # Wire codecs for the dense values (fedcmd/codecs.py, strategies/base.py): on the uplink and on the
+    # downlink, each none | fp16 | bf16 | int8 | topk, applied to the change from what the receiver holds.
+    "codec-up": (str, "none", _one_of(CODECS), f"one of {', '.join(CODECS)}"),
+    "codec-down": (str, "none", _one_of(CODECS), f"one of {', '.join(CODECS)}"),
+    "codec-chunk": (int, 1024, _positive, "a positive integer"),  # int8: values per scale
+    "topk-fraction": (float, 0.01, _fraction, "in (0, 1]"),      # topk: share of the values sent
     # Defences against clients that lie (strategies/base.py, fedcmd/server.py)
     "max-update-norm": (float, 0.0, _non_negative, "non-negative (0 = no bound)"),
     "partition-binding": (str, "", None, ""),  # JSON file: node public key -> partition (deploy --auth)
@@ -100,8 +108,9 @@ DEFAULTS: dict[str, Any] = {key: spec[1] for key, spec in SCHEMA.items()}
 
 
 def keeps_local_state(config: dict[str, Any]) -> bool:
-    """Whether clients carry local-training state (stream position, optimizer) from round to round."""
-    return config["local-steps"] > 0 or config["optimizer-state"] == "keep"
+    """Whether clients carry local-training state (stream position, optimizer, top-k error-feedback
+    residual) from round to round."""
+    return config["local-steps"] > 0 or config["optimizer-state"] == "keep" or config["codec-up"] == "topk"
 
 
 def _coerce(key: str, value: Any) -> Any:

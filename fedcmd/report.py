@@ -138,6 +138,8 @@ def write_summary(out: Path, config: dict[str, Any], strategy, metrics: list[dic
         best_round=best["round"],
         **{k: float(v) for k, v in totals.items()},
         fedavg_floats=fedavg_floats, volume_ratio=floats / fedavg_floats if fedavg_floats else math.nan,
+        codec_up=config["codec-up"], codec_down=config["codec-down"],
+        **{f"bits_per_value_{d}": v for d, v in acc.bits_per_value().items()},
         replies_rejected=len(rejections), nodes_refused=len(_refusals(strategy, sorted(strategy.rounds))),
         wall_seconds=wall_seconds,
         round_seconds_mean=sum(m["round_seconds"] for m in trained) / max(len(trained), 1),

@@ -25,6 +25,9 @@ Synchronisation protocol (decisions the paper leaves open are marked *):
                  (N/8 bytes) plus their values: for clients that missed rounds across a check;
     `full`     - the whole model (4N bytes): first contact, or when cheaper.
   Values are absolute, not differences, so sending a superset is harmless (idempotent).
+  *Under a lossy `codec-down` there is a fourth, `delta`: for a client that holds the previous
+  round's model and mask, the round's broadcast (the codec's encoding of the change at the mask's
+  positions, `FedcmdStrategy.publish`), which the client adds to what it holds.
 - *The active mask travels as a packed bit mask (N/8 bytes, key `masks/active`) whenever the
   client may not hold the current one. It is left out only when it is truly derivable: the
   client acknowledged the current mask version (e.g. full participation between checks when
@@ -55,10 +58,9 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fedcmd.apf import FreezingController
-from strategies.base import FedcmdStrategy, ReplyError, read_int, read_vector, vector_record, weighted_mean
-from strategies.fedavg import read_buffers
+from strategies.base import FedcmdStrategy, ReplyError, read_int, vector_record, weighted_mean
 
-CATCH_UP_KINDS = ("derived", "explicit", "full")  # preference order on equal cost
+CATCH_UP_KINDS = ("delta", "derived", "explicit", "full")  # preference order on equal cost
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,7 @@ class APF(FedcmdStrategy):
     name = "apf"
     reply_metrics = ("model-version", "mask-version")
     aggressive = False
+    own_model_versions = True  # a lossy codec-down's broadcast is one more catch-up kind, `delta`
 
     def __init__(self, weights, buffers, config, accountant=None) -> None:
         super().__init__(weights, buffers, config, accountant)
@@ -122,7 +125,7 @@ class APF(FedcmdStrategy):
         self.paper_floats[server_round] = 2.0 * cohort * self.mask.index.size
         return super().configure_train(server_round, arrays, config, grid)
 
-    def _catch_up(self, partition_id: int) -> tuple[str, np.ndarray | None]:
+    def _catch_up(self, server_round: int, partition_id: int) -> tuple[str, np.ndarray | None]:
         """The cheapest encoding that brings this client to the current global model, and the
         positions it sends (None: the whole model)."""
         n = self.weights.size
@@ -136,6 +139,10 @@ class APF(FedcmdStrategy):
             options["explicit"] = ((n + 7) // 8 + 4 * changed.size, changed)
             if self.previous_mask is not None and acked.mask_version == self.previous_mask.version:
                 options["derived"] = (4 * self.previous_mask.index.size, self.previous_mask.index)
+                broadcast = self.broadcast_for(server_round, v)  # only under a lossy codec-down
+                if broadcast is not None:
+                    size = sum(a.nbytes for a in broadcast.arrays["weights"].values())
+                    options["delta"] = (size, self.previous_mask.index)
         kind = min(options, key=lambda k: (options[k][0], CATCH_UP_KINDS.index(k)))
         return kind, options[kind][1]
 
@@ -146,14 +153,15 @@ class APF(FedcmdStrategy):
         return acked.mask_version != self.mask.version
 
     def train_content(self, server_round: int, partition_id: int) -> RecordDict:
-        kind, index = self._catch_up(partition_id)
+        kind, index = self._catch_up(server_round, partition_id)
         acked = self.acked.get(partition_id)
         head = {"model-version": server_round - 1, "mask-version": self.mask.version, "catch-up": kind,
                 "from-version": acked.model_version if kind != "full" else -1}
-        if kind == "derived":
+        if kind in ("derived", "delta"):
             head["base-mask-version"] = acked.mask_version
+        values = self.weights if index is None else self.weights[index]
         content = RecordDict({"apf": ConfigRecord(head),
-                              "weights": vector_record(self.weights if index is None else self.weights[index])})
+                              "weights": self.dense_record("weights", values, self.broadcast if kind == "delta" else None)})
         masks = {}
         if kind == "explicit":
             changed = np.zeros(self.weights.size, dtype=bool)
@@ -176,7 +184,8 @@ class APF(FedcmdStrategy):
         held = Acked(read_int(metrics, "model-version"), read_int(metrics, "mask-version"))
         if held != sent:
             raise ReplyError(f"client holds model/mask versions {held}, expected {sent}")
-        return read_vector(content, "weights", self.mask.index.size), read_buffers(content, self.buffers.size), held
+        return (self.read_values(content, "weights", self.weights[self.mask.index]), self.read_buffer_values(content),
+                held)
 
     def update_pairs(self, update: Any) -> list[tuple[np.ndarray, np.ndarray]]:
         return [(update[0], self.weights[self.mask.index]), (update[1], self.buffers)]
@@ -194,10 +203,11 @@ class APF(FedcmdStrategy):
     # ----- aggregation and the stability check -------------------------------------------------
     def aggregate(self, server_round: int, updates: list[tuple[int, Any]]) -> None:
         counts = [n for _, (n, _) in updates]
-        theta = self.weights.copy()
-        theta[self.mask.index] = weighted_mean([u[0] for _, (_, u) in updates], counts)
-        self.changed_in[theta != self.weights] = server_round
-        self.weights = theta
+        before = self.weights
+        self.weights = before.copy()
+        self.weights[self.mask.index] = weighted_mean([u[0] for _, (_, u) in updates], counts)
+        self.publish(server_round, before, {"weights": self.mask.index})
+        self.changed_in[self.weights != before] = server_round
         if self.buffers.size:
             self.buffers = weighted_mean([u[1] for _, (_, u) in updates], counts)
 

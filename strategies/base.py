@@ -41,6 +41,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedcmd import task
 from fedcmd.accountant import VolumeAccountant
+from fedcmd.codecs import Codec, CodecError, with_error_feedback
 from fedcmd.sampling import sample_cohort
 
 log = logging.getLogger("fedcmd")
@@ -51,8 +52,12 @@ CLIENT_KEYS = (
     "partition", "dirichlet-alpha", "classes-per-client", "num-clients", "data-seed", "model",
     "local-epochs", "local-steps", "batch-size", "lr", "momentum", "weight-decay", "optimizer", "adam-beta1",
     "adam-beta2", "adam-eps", "optimizer-state", "seed", "strategy",
-    "cmd-embedded-training",
+    "cmd-embedded-training", "codec-up", "codec-down", "codec-chunk", "topk-fraction",
 )
+
+# The dense value payloads, which travel through the wire codecs (`codec-up`, `codec-down`).
+PAYLOAD_KEYS = ("weights", "references", "buffers")
+DIRECTIONS = ("up", "down")
 
 
 class ReplyError(ValueError):
@@ -79,6 +84,38 @@ def read_vector(content: RecordDict, key: str, length: int, dtype=np.float32) ->
     if values.dtype.kind == "f" and not np.isfinite(values).all():
         raise ReplyError(f"'{key}' holds NaN or Inf")
     return values
+
+
+def make_codec(config: dict[str, Any], direction: str) -> Codec:
+    """The codec of `direction` ("up": client to server, "down": server to client)."""
+    return Codec(config[f"codec-{direction}"], chunk=config["codec-chunk"], fraction=config["topk-fraction"])
+
+
+def codec_rng(config: dict[str, Any], server_round: int, direction: str, partition_id: int, key: str
+              ) -> np.random.Generator:
+    """The generator of int8's stochastic rounding for one payload: drawn from (seed, round, direction,
+    client, record), so reruns and resumed runs encode the same bytes (partition -1: the broadcast)."""
+    return np.random.default_rng([config["seed"], server_round, DIRECTIONS.index(direction), partition_id + 1,
+                                  PAYLOAD_KEYS.index(key)])
+
+
+def encoded_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    """A codec's arrays (`fedcmd.codecs`) as the array record that carries them."""
+    return ArrayRecord({name: Array(np.ascontiguousarray(values)) for name, values in arrays.items()})
+
+
+def read_encoded(content: RecordDict, key: str, length: int, codec: Codec) -> np.ndarray:
+    """The decoded values of record `key`, a `codec` payload of `length` values; ReplyError if it is
+    not one (wrong arrays, dtypes or lengths, bad scales or indices, non-finite values)."""
+    if codec.lossless:
+        return read_vector(content, key, length)
+    record = content.get(key) if key in content else None
+    if not isinstance(record, ArrayRecord):
+        raise ReplyError(f"reply has no '{key}' array record")
+    try:
+        return codec.decode({name: record[name].numpy() for name in record}, length)
+    except CodecError as err:
+        raise ReplyError(f"'{key}' is not a {codec.name} payload of {length} values: {err}") from None
 
 
 def shown(value: Any, limit: int = 60) -> str:
@@ -120,6 +157,15 @@ def weighted_mean(vectors: list[np.ndarray], weights: list[float]) -> np.ndarray
     return (total / float(sum(weights))).astype(np.float32)
 
 
+@dataclass(frozen=True)
+class Broadcast:
+    """A round's downlink payloads under a lossy `codec-down`: the encoded change of the global
+    weights that turns model version `version - 1` into `version` (key -> the codec's arrays)."""
+
+    version: int
+    arrays: dict[str, dict[str, np.ndarray]]
+
+
 @dataclass
 class RoundLog:
     sampled: list[int] = field(default_factory=list)
@@ -143,6 +189,9 @@ class FedcmdStrategy(Strategy):
     # What a reply may hold: records (besides `metrics`) and metric keys beyond REPORTED_METRICS.
     reply_records: tuple[str, ...] = ("weights", "buffers")
     reply_metrics: tuple[str, ...] = ()
+    # Whether this class's own protocol tracks which global model each client holds (APF does);
+    # if not, the base class does it when a lossy `codec-down` needs it (`sync_head`).
+    own_model_versions = False
 
     def __init__(self, weights: np.ndarray, buffers: np.ndarray, config: dict[str, Any],
                  accountant: VolumeAccountant | None = None) -> None:
@@ -156,6 +205,12 @@ class FedcmdStrategy(Strategy):
         # Set by the server when clients keep local-training state: the run's token and where
         # clients keep copies of that state for resumed runs (clients/common.py); sent with the config.
         self.run_info: dict[str, str] = {}
+        # The wire codecs (module docstring of fedcmd.codecs; "Wire codecs" in README.md).
+        self.codec_up, self.codec_down = make_codec(config, "up"), make_codec(config, "down")
+        self.broadcast: Broadcast | None = None
+        self.down_residual: np.ndarray | None = None  # topk downlink error feedback, over the weights
+        self.held: dict[int, int] = {}          # partition -> model version it holds (lossy downlink)
+        self.sent_version: dict[int, int] = {}  # partition -> model version sent this round
 
     # ----- what subclasses define -------------------------------------------------------------
     def train_content(self, server_round: int, partition_id: int) -> RecordDict:
@@ -207,7 +262,7 @@ class FedcmdStrategy(Strategy):
         old = self.node_of.get(partition_id)
         if old is not None and old != node_id:
             self.partition_of.pop(old, None)
-            self.on_node_changed(partition_id)
+            self.client_reset(partition_id)
         self.node_of[partition_id] = node_id
         self.partition_of[node_id] = partition_id
 
@@ -216,7 +271,12 @@ class FedcmdStrategy(Strategy):
         partition_id = self.partition_of.pop(node_id, None)
         if partition_id is not None and self.node_of.get(partition_id) == node_id:
             del self.node_of[partition_id]
-            self.on_node_changed(partition_id)
+            self.client_reset(partition_id)
+
+    def client_reset(self, partition_id: int) -> None:
+        """A partition's client may have lost its state (new node, resumed run): assume nothing of it."""
+        self.held.pop(partition_id, None)
+        self.on_node_changed(partition_id)
 
     def client_config(self, server_round: int) -> ConfigRecord:
         values = {key: self.config[key] for key in CLIENT_KEYS}
@@ -224,8 +284,76 @@ class FedcmdStrategy(Strategy):
         values["server-round"] = server_round
         return ConfigRecord(values)
 
+    # ----- the wire codecs ---------------------------------------------------------------------
+    def read_values(self, content: RecordDict, key: str, sent: np.ndarray) -> np.ndarray:
+        """A reply's values of record `key`, where the server sent the values `sent`: as they came
+        (codec-up none), or `sent` plus the decoded change (both sides hold `sent` exactly)."""
+        if self.codec_up.lossless:
+            return read_vector(content, key, sent.size)
+        values = sent + read_encoded(content, key, sent.size, self.codec_up)
+        if not np.isfinite(values).all():
+            raise ReplyError(f"'{key}': the decoded change overflows float32")
+        return values
+
+    def read_buffer_values(self, content: RecordDict) -> np.ndarray:
+        """The reply's buffers (through the uplink codec like any dense values), or none for a
+        model without buffers."""
+        if self.buffers.size:
+            return self.read_values(content, "buffers", self.buffers)
+        if "buffers" in content:  # the sender has no buffers to send: whatever came is not the model's
+            raise ReplyError("'buffers' sent for a model without buffers")
+        return np.zeros(0, dtype=np.float32)
+
+    def publish(self, server_round: int, before: np.ndarray, positions: dict[str, np.ndarray]) -> None:
+        """After aggregation, under a lossy `codec-down`: encode the change of the global weights at
+        `positions` (record key -> weight indices, ascending) once for the round, and make the global
+        weights what every client decodes: before + decode(encode(change)). The server's model is
+        thereby exactly the one its clients rebuild. topk keeps the server's residual (error feedback).
+        Clients that acknowledged model version `server_round - 1` get these bytes in the next round
+        (`sync_head`); the others get the model's values as they are, in float32."""
+        if self.codec_down.lossless:
+            return
+        arrays = {}
+        for key, index in positions.items():
+            change = self.weights[index] - before[index]
+            rng = codec_rng(self.config, server_round, "down", -1, key)
+            if self.codec_down.name == "topk":
+                if self.down_residual is None:
+                    self.down_residual = np.zeros(self.weights.size, dtype=np.float32)
+                arrays[key], decoded, self.down_residual[index] = with_error_feedback(
+                    self.codec_down, change, self.down_residual[index], rng)
+            else:
+                arrays[key] = self.codec_down.encode(change, rng)
+                decoded = self.codec_down.decode(arrays[key], index.size)
+            self.weights[index] = before[index] + decoded
+        self.broadcast = Broadcast(server_round, arrays)
+
+    def broadcast_for(self, server_round: int, held_version: int | None) -> Broadcast | None:
+        """The broadcast a client holding `held_version` can apply in `server_round` (None: none can)."""
+        b = self.broadcast
+        if b is None or b.version != server_round - 1 or held_version != b.version - 1:
+            return None
+        return b
+
+    def sync_head(self, server_round: int, partition_id: int) -> tuple[ConfigRecord | None, Broadcast | None]:
+        """For strategies without model versions of their own (FedAvg, CMD), under a lossy
+        `codec-down`: the message's `sync` record and the broadcast it carries. `delta`: the client
+        holds the previous model version and adds the decoded change; `full`: the values as they
+        are (first contact, missed rounds, a rejected reply, a new node). (None, None) otherwise."""
+        if self.codec_down.lossless or self.own_model_versions:
+            return None, None
+        version = server_round - 1
+        b = self.broadcast_for(server_round, self.held.get(partition_id))
+        self.sent_version[partition_id] = version
+        return ConfigRecord({"model-version": version, "kind": "delta" if b else "full"}), b
+
+    def dense_record(self, key: str, values: np.ndarray, broadcast: Broadcast | None) -> ArrayRecord:
+        """Record `key` of a train message: the broadcast's payload, or the values in float32."""
+        return encoded_record(broadcast.arrays[key]) if broadcast is not None else vector_record(values)
+
     def configure_train(self, server_round: int, arrays: ArrayRecord | None, config: ConfigRecord | None,
                         grid: Grid) -> Iterable[Message]:
+        self.sent_version.clear()
         log_ = self.rounds.setdefault(server_round, RoundLog())
         log_.sampled = [int(p) for p in self.cohort(server_round)]
         messages = []
@@ -273,12 +401,15 @@ class FedcmdStrategy(Strategy):
                 reason = reason[:300] + " ..." if len(reason) > 300 else reason
                 log.warning("round %d: rejected reply of client %d: %s", server_round, pid, reason)
                 log_.rejected.append((pid, reason))
+                self.held.pop(pid, None)
                 self.on_reply_rejected(server_round, pid)
                 continue
             updates.append((pid, (examples, update)))
             losses.append(loss)
             log_.train_seconds += seconds
             log_.accepted.append(pid)
+            if pid in self.sent_version:  # the reply stated the model version it was sent (read_reply)
+                self.held[pid] = self.sent_version[pid]
             self.on_reply_accepted(server_round, pid, update)
         for pid in sorted(set(log_.sent) - seen):
             log_.rejected.append((pid, "no reply before the round timeout"))
@@ -304,9 +435,13 @@ class FedcmdStrategy(Strategy):
         metrics = content.get("metrics")
         if not isinstance(metrics, MetricRecord):
             raise ReplyError("reply has no 'metrics' MetricRecord")
-        unexpected = sorted(set(metrics) - {*REPORTED_METRICS, *self.reply_metrics})
+        syncs = partition_id in self.sent_version
+        unexpected = sorted(set(metrics) - {*REPORTED_METRICS, *self.reply_metrics, *(("model-version",) * syncs)})
         if unexpected:
             raise ReplyError(f"reply holds metrics this strategy does not read: {shown(unexpected)}")
+        if syncs and read_int(metrics, "model-version") != self.sent_version[partition_id]:
+            raise ReplyError(f"client holds model version {metrics['model-version']}, "
+                             f"expected {self.sent_version[partition_id]}")
         expected = self.examples_of(partition_id)
         examples = read_number(metrics, "num-examples")
         if examples != expected:

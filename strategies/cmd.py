@@ -27,6 +27,10 @@ Protocol (decisions the paper leaves open are marked *):
 - *With `frozen` local training, once embedding has stopped the reference weights are held too
   (clients keep them fixed, the server stops aggregating them): without this, reference drift
   amplified by large |a_i| made one of three seeds collapse (88.8% -> 66%) after the cap.
+- *Wire codecs (`codec-up`, `codec-down`) apply to the dense values (`weights`, `references`,
+  `buffers`) only: coefficients, masks and indices stay exact. Under a lossy `codec-down` the round's
+  broadcast is made after the round's embedding event, over the weights still sent densely; the
+  online CMD statistics see the aggregate before that encoding.
 - Volume: the accountant measures real bytes; `paper_floats` per round is Eq. 16's count,
   2|C|(N - embedded) + 2|C|(newly embedded), which ignores masks, modes and metadata.
 """
@@ -41,8 +45,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fedcmd import task
 from fedcmd.cmd import EmbeddingSchedule, OnlineCMD  # noqa: F401
-from strategies.base import FedcmdStrategy, ReplyError, read_int, read_vector, vector_record, weighted_mean
-from strategies.fedavg import read_buffers
+from strategies.base import FedcmdStrategy, ReplyError, read_int, vector_record, weighted_mean
 
 
 def mode_dtype(n_modes: int) -> np.dtype:
@@ -173,9 +176,12 @@ class CMD(FedcmdStrategy):
         content = encode_events(self.events[from_version:], self.weights.size, from_version, self.version,
                                 self.reference_index, self.n_modes)
         content["cmd"]["hold-references"] = self.references_held
-        content["weights"] = vector_record(self.weights[self.free_index])
+        head, broadcast = self.sync_head(server_round, partition_id)
+        if head is not None:
+            content["sync"] = head
+        content["weights"] = self.dense_record("weights", self.weights[self.free_index], broadcast)
         if self.version:
-            content["references"] = vector_record(self.weights[self.reference_index])
+            content["references"] = self.dense_record("references", self.weights[self.reference_index], broadcast)
         if self.buffers.size:
             content["buffers"] = vector_record(self.buffers)
         self.sent[(server_round, partition_id)] = self.version
@@ -186,11 +192,11 @@ class CMD(FedcmdStrategy):
         if held != self.sent[(server_round, partition_id)]:
             raise ReplyError(f"client holds coefficient store version {held}, "
                              f"expected {self.sent[(server_round, partition_id)]}")
-        weights = read_vector(content, "weights", self.free_index.size)
+        weights = self.read_values(content, "weights", self.weights[self.free_index])
         if not self.version and "references" in content:
             raise ReplyError("'references' sent before any weight was embedded")
-        references = read_vector(content, "references", self.reference_index.size) if self.version else None
-        return weights, references, read_buffers(content, self.buffers.size), held
+        references = self.read_values(content, "references", self.weights[self.reference_index]) if self.version else None
+        return weights, references, self.read_buffer_values(content), held
 
     def update_pairs(self, update: Any) -> list[tuple[np.ndarray, np.ndarray]]:
         weights, references, buffers, _ = update
@@ -218,8 +224,18 @@ class CMD(FedcmdStrategy):
             rebuild_embedded(theta, self.embedded_index, self.emb_a, self.emb_b, self.emb_mode, self.reference_index)
         if self.buffers.size:
             self.buffers = weighted_mean([u[2] for _, (_, u) in updates], counts)
-        self.weights = theta
+        before, self.weights = self.weights, theta
         self._advance_cmd(server_round)
+        if not self.codec_down.lossless:
+            # The broadcast covers what the next messages send densely (after this round's event);
+            # embedded weights follow from the decoded references, on both sides alike.
+            positions = {"weights": self.free_index}
+            if self.version:
+                positions["references"] = self.reference_index
+            self.publish(server_round, before, positions)
+            if self.version:
+                rebuild_embedded(self.weights, self.embedded_index, self.emb_a, self.emb_b, self.emb_mode,
+                                 self.reference_index)
 
     def _advance_cmd(self, server_round: int) -> None:
         self.online.observe(self.weights)

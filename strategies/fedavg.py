@@ -1,7 +1,9 @@
 """FedAvg (McMahan et al., 2017): the baseline every volume ratio is measured against.
 
 Each sampled client receives the whole model (trainable weights and float buffers, one flat array
-each) and returns its locally trained copy; the server takes the sample-weighted mean.
+each) and returns its locally trained copy; the server takes the sample-weighted mean. Under the
+wire codecs the client returns the encoded change instead, and a client that holds the previous
+global model receives the round's encoded change of the weights (`FedcmdStrategy.publish`).
 """
 
 from __future__ import annotations
@@ -34,16 +36,24 @@ class FedAvg(FedcmdStrategy):
     name = "fedavg"
 
     def train_content(self, server_round: int, partition_id: int) -> RecordDict:
-        return model_content(self.weights, self.buffers)
+        head, broadcast = self.sync_head(server_round, partition_id)
+        if head is None:
+            return model_content(self.weights, self.buffers)
+        content = RecordDict({"sync": head, "weights": self.dense_record("weights", self.weights, broadcast)})
+        if self.buffers.size:
+            content["buffers"] = vector_record(self.buffers)
+        return content
 
     def parse_reply(self, server_round: int, partition_id: int, content: RecordDict) -> Any:
-        return read_vector(content, "weights", self.weights.size), read_buffers(content, self.buffers.size)
+        return self.read_values(content, "weights", self.weights), self.read_buffer_values(content)
 
     def update_pairs(self, update: Any) -> list[tuple[np.ndarray, np.ndarray]]:
         return [(update[0], self.weights), (update[1], self.buffers)]
 
     def aggregate(self, server_round: int, updates: list[tuple[int, Any]]) -> None:
         counts = [n for _, (n, _) in updates]
+        before = self.weights
         self.weights = weighted_mean([u[0] for _, (_, u) in updates], counts)
         if self.buffers.size:
             self.buffers = weighted_mean([u[1] for _, (_, u) in updates], counts)
+        self.publish(server_round, before, {"weights": np.arange(self.weights.size)})

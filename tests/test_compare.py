@@ -9,13 +9,15 @@ from fedcmd.cli import main
 from fedcmd.compare import CompareError, compare
 
 
-def fake_run(folder, *, strategy, seed, floats, bytes_up, bytes_down, accuracy, fraction=None, paper=None):
+def fake_run(folder, *, strategy, seed, floats, bytes_up, bytes_down, accuracy, fraction=None, paper=None, bits=None):
     """A run folder as `fedcmd run` writes it: 3 rounds, volume split evenly over the rounds."""
     folder.mkdir(parents=True)
     summary = dict(strategy=strategy, seed=seed, model="lenet5", dataset="synthetic", num_clients=2,
                    fraction_train=1.0, rounds=3, final_accuracy=accuracy[-1], best_accuracy=max(accuracy))
     if paper is not None:
         summary["paper_volume_ratio"] = paper
+    if bits is not None:  # a run with a wire codec: payload bits per value, up and down
+        summary["bits_per_value_up"], summary["bits_per_value_down"] = bits
     (folder / "summary.json").write_text(json.dumps(summary))
     with open(folder / "volume.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
@@ -40,9 +42,9 @@ def runs(tmp_path):
         fake_run(root / f"fedavg-seed{seed}", strategy="fedavg", seed=seed, floats=1000, bytes_up=2e6,
                  bytes_down=2e6, accuracy=acc)
     fake_run(root / "apf-seed0", strategy="apf", seed=0, floats=500, bytes_up=1e6, bytes_down=1.4e6,
-             accuracy=[0.1, 0.4, 0.6, 0.7], fraction=[0, 0.0, 0.2, 0.5], paper=0.45)
+             accuracy=[0.1, 0.4, 0.6, 0.7], fraction=[0, 0.0, 0.2, 0.5], paper=0.45, bits=(8.0, 16.0))
     fake_run(root / "apf-seed1", strategy="apf", seed=1, floats=700, bytes_up=1.2e6, bytes_down=1.6e6,
-             accuracy=[0.1, 0.4, 0.6, 0.9], fraction=[0, 0.0, 0.1, 0.3], paper=0.65)
+             accuracy=[0.1, 0.4, 0.6, 0.9], fraction=[0, 0.0, 0.1, 0.3], paper=0.65, bits=(8.5, 16.0))
     return root
 
 
@@ -60,11 +62,12 @@ def test_table_numbers_and_plots(runs, capsys):
     rows = table_lines(text)
     assert rows["method"][2:5] == ["volume % (floats)", "volume % (bytes)", "volume % (paper-style)"]
     # fedavg: 100% by definition; MB 2 up, 2 down; final 80/60 -> 70 ± 14.14; best 80/90 -> 85 ± 7.07.
+    # bits per value: – for runs whose summary predates the codecs.
     assert rows["fedavg"] == ["fedavg", "0, 1", "100.0 ± 0.0", "100.0 ± 0.0", "100.0 ± 0.0", "2.00 ± 0.00",
-                              "2.00 ± 0.00", "70.00 ± 14.14", "85.00 ± 7.07"]
+                              "2.00 ± 0.00", "–", "–", "70.00 ± 14.14", "85.00 ± 7.07"]
     # apf: floats 500/1000, 700/1000 -> 60 ± 14.1; bytes 2.4/4, 2.8/4 -> 65 ± 7.1; paper 45, 65 -> 55 ± 14.1.
     assert rows["apf"] == ["apf", "0, 1", "60.0 ± 14.1", "65.0 ± 7.1", "55.0 ± 14.1", "1.10 ± 0.14",
-                           "1.50 ± 0.14", "80.00 ± 14.14", "80.00 ± 14.14"]
+                           "1.50 ± 0.14", "8.25 ± 0.35", "16.00 ± 0.00", "80.00 ± 14.14", "80.00 ± 14.14"]
     assert list(rows)[1:] == ["fedavg", "apf"]  # baseline first
     for name in ("accuracy_vs_round.png", "mb_vs_round.png", "accuracy_vs_mb.png", "fraction_vs_round.png"):
         assert (runs / name).stat().st_size > 10_000, name

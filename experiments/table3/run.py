@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
                                       "or experiments/results/table3-<variant> for other variants)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key in every run (repeatable)")
+    parser.add_argument("--tag", default="", help="run folders are <method>-<tag>-seed<k> (e.g. a codec's name, "
+                                                  "with its keys in --set); the baseline stays fedavg-seed<k>")
     parser.add_argument("--force", action="store_true", help="rerun runs that already have a summary.json")
     parser.add_argument("--quiet", action="store_true",
                         help="one line per run (its progress goes to <run>/run.log), then the table")
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = []  # every config is written and validated before the first run starts
     for seed in args.seeds:  # seed-major: a partial table has every method of the first seeds
         for method in args.methods:
-            name = f"{method}-seed{seed}"
+            name = f"{method}-{args.tag}-seed{seed}" if args.tag else f"{method}-seed{seed}"
             path = configs / f"{name}.toml"
             path.write_text(to_toml(merged_config(args.variant, method, seed)))
             path.write_text(to_toml(load_config(path, args.set)))
@@ -107,8 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     from fedcmd.compare import compare
 
     runs = [out / name for name, _ in plan]
-    if "fedavg" not in args.methods:  # compare with the baseline runs already in `out`
+    if args.tag or "fedavg" not in args.methods:  # compare with the baseline runs already in `out`
         runs += [out / f"fedavg-seed{seed}" for seed in args.seeds if (out / f"fedavg-seed{seed}").is_dir()]
+    if not any(run.name.startswith("fedavg-seed") for run in runs):
+        print("[table3] not compared yet: no fedavg baseline run in this folder", flush=True)
+        return 0
     pending = [run.name for run in runs if not (run / "summary.json").is_file()]
     if pending:  # taken by another runner: the table waits for them
         print(f"[table3] not compared yet: {', '.join(pending)} still under way", flush=True)
