@@ -76,9 +76,11 @@ def discover_nodes(grid: Grid, strategy: FedcmdStrategy, server_round: int, time
         node = query.metadata.dst_node_id
         try:
             pid = partition_claim(reply)
-            refusal = strategy.claim_refusal(node, pid, present)
-            if refusal is None and binding is not None:
-                refusal = binding_refusal(binding, keys.get(node), pid)
+            # The key binding first: it is the authority, and its reason does not depend on the
+            # order in which a partition's rightful node and an impostor happen to answer.
+            refusal = binding_refusal(binding, keys.get(node), pid) if binding is not None else None
+            if refusal is None:
+                refusal = strategy.claim_refusal(node, pid, present)
         except Exception as err:  # a reply that makes reading it fail is refused like any other lie
             refusal = f"unreadable discovery reply: {type(err).__name__}: {err}"
         if refusal is not None:

@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedcmd.accountant import VolumeAccountant, fedavg_floats, wire_size
@@ -63,3 +63,63 @@ def test_rejects_unknown_category_and_direction():
         acc.record(1, 0, "up", "gradients", values=1, raw_bytes=4, wire_bytes=10)
     with pytest.raises(ValueError, match="direction"):
         acc.record(1, 0, "sideways", "weights", values=1, raw_bytes=4, wire_bytes=10)
+
+
+# --- the bytes booked are Flower's own serialisation of each message --------------------------------
+
+def flower_wire_bytes(obj) -> int:
+    """What the accountant booked before it spared deflates (and what Flower pushes): every distinct
+    object of the tree, deflated."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, no_object_id_recompute
+
+    with no_object_id_recompute():
+        return sum(len(o.deflate()) for o in get_all_nested_objects(obj).values())
+
+
+def flower_rows(message: Message) -> dict[str, int]:
+    """Bytes per category as the accountant booked them before: each array record on its own, the rest metadata."""
+    rows = {}
+    if message.has_content():
+        rows = {key: flower_wire_bytes(record) for key, record in message.content.items()
+                if key in ("weights", "buffers", "references", "coefficients", "indices", "masks")
+                and isinstance(record, ArrayRecord)}
+    rows["metadata"] = flower_wire_bytes(message) - sum(rows.values())
+    return rows
+
+
+def booked(message: Message) -> dict[str, int]:
+    acc = VolumeAccountant()
+    total = acc.record_message(1, 0, "down", message)
+    assert total == sum(r.wire_bytes for r in acc.rows)
+    return {r.category: r.wire_bytes for r in acc.rows}
+
+
+def discovery_exchange():
+    from fedcmd.client_app import app as client_app
+    from fedcmd.engine import LocalGrid
+
+    grid = LocalGrid(client_app, 3)
+    queries = [Message(RecordDict(), dst_node_id=node, message_type="query", group_id="discover-1")
+               for node in grid.get_node_ids()]
+    return queries, list(grid.send_and_receive(queries))
+
+
+def test_discovery_bytes_are_flowers_serialisation():
+    queries, replies = discovery_exchange()
+    assert len(replies) == 3
+    for message in queries + replies:
+        assert booked(message) == flower_rows(message) == {"metadata": flower_wire_bytes(message)}
+        assert booked(message)["metadata"] == wire_size(message)
+
+
+def test_model_message_bytes_are_flowers_serialisation():
+    shared = Array(np.arange(300, dtype=np.float32))
+    twice = message(1000, n_coeff=10)
+    # the same array under two names and in two categories: Flower sends it once per message,
+    # while each category's row counts it
+    twice.content["references"] = ArrayRecord({"r": shared, "s": shared})
+    twice.content["indices"] = ArrayRecord({"i": shared, "j": Array(np.arange(7, dtype=np.int64))})
+    error = Message(Error(code=0, reason="ValueError: no"), reply_to=discovery_exchange()[0][0])
+    for msg in (message(1000, n_coeff=10), twice, error):
+        assert booked(msg) == flower_rows(msg)
+    assert booked(error) == {"metadata": flower_wire_bytes(error)}

@@ -6,6 +6,21 @@ one reply up per node, each round-tripped through Flower's serialisation by fedc
 volume accountant. The server side was quadratic (each reply looked up its query in a list: 12 s for
 6,000 clients, 150 s for 20,000); it must now be linear, and 20,000 clients under 2 s.
 
+Where the time goes (cProfile of `time_discovery(20000)`, and per-call timings): nearly all of it is
+Flower building and serialising small objects. Per node, the grid round-trips the query and the
+reply through `message_to_proto`/`message_from_proto` (~25 + ~55 us), the ClientApp builds its
+reply (MetricRecord, RecordDict, Message: ~30 us), and the accountant deflates both messages'
+object trees to book their true wire size (Flower's header + body per object; an object's id is
+the hash of its deflated bytes, so a parent cannot be deflated before its children are). The
+accountant used to deflate every object twice (once for its id, once for its size) and each
+ArrayRecord twice more on its own; it now deflates the root message once and shares one id
+context with the records (`fedcmd.accountant.tree_bytes`), the same bytes (tests/test_accountant.py):
+~-35% on the server side. The grid cannot reuse its serialisation for the accountant: it is the
+protobuf message, not the deflated objects the accountant counts, and round-tripping through
+deflate/inflate instead costs more than both together (measured: ~150 + ~220 us per query + reply).
+So 2 s (100 us per node) is out of reach on this 2-core machine without counting fewer bytes
+than are sent or calling less of Flower than a real exchange does; see results/discovery.md.
+
 Measured for each N: wall time of `discover_nodes` (best of `--repeats`, each with a fresh strategy
 and grid), split into the grid's time in `send_and_receive` (transport and the ClientApp) and the
 server's (everything else: node listing, claim checks, registering, accounting), and the per-node
@@ -13,6 +28,10 @@ cost, whose flatness over N is the linearity check.
 
     .venv/bin/python experiments/benchmarks/discovery.py [--clients 1000 5000 10000 20000] [--repeats 3]
         [--out experiments/benchmarks/results/discovery.json]   (also writes the .md beside it)
+        [--note "what else ran on the machine"]   (a line of the .md)
+
+From a git worktree that uses the main checkout's virtual environment, prefix `PYTHONPATH=.`: the
+editable install would otherwise import the main checkout's fedcmd.
 """
 
 from __future__ import annotations
@@ -58,6 +77,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1000, 5000, 10000, 20000])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "discovery.json")
+    parser.add_argument("--note", default="", help="conditions of the run, written into the .md")
     args = parser.parse_args()
     rows = []
     for n in args.clients:
@@ -68,14 +88,15 @@ def main() -> None:
                      "all_seconds": [r["seconds"] for r in runs]})
         print(f"{n:>6} clients: {best['seconds']:.3f} s (grid {best['grid_seconds']:.3f} s, server "
               f"{best['server_seconds']:.3f} s), {rows[-1]['us_per_node']:.0f} us per node", flush=True)
-    result = {"command": command_line(), "machine": machine(), "repeats": args.repeats, "rows": rows}
+    result = {"command": command_line(), "machine": machine(), "repeats": args.repeats, "note": args.note,
+              "rows": rows}
     lines = ["# Node discovery, in-process grid", "", f"`{result['command']}`", "",
              "| clients | discovery (s) | grid: transport + ClientApp (s) | server (s) | us per node |",
              "|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['clients']:,} | {r['seconds']:.3f} | {r['grid_seconds']:.3f} | {r['server_seconds']:.3f} | "
               f"{r['us_per_node']:.0f} |" for r in rows]
     lines += ["", f"Best of {args.repeats} runs each; machine: {result['machine']['cpus']} CPUs, load average "
-              f"{result['machine']['load_average']}."]
+              f"{result['machine']['load_average']}." + (f" {args.note}" if args.note else "")]
     write_outputs(args.out, result, "\n".join(lines) + "\n")
 
 
