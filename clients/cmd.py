@@ -19,6 +19,7 @@ from flwr.app import Array, ArrayRecord, Context, MetricRecord, RecordDict
 
 from clients.common import Downlink, Uplink, hold_fixed, local_model, train_locally
 from fedcmd import task
+from strategies.base import read_vector
 from strategies.cmd import EmbeddingEvent, decode_events, mode_dtype, rebuild_embedded
 from strategies.fedavg import read_buffers
 
@@ -128,7 +129,7 @@ def train(content: RecordDict, context: Context, config: Mapping[str, Any], part
     free = store.free_index()
     downlink = Downlink(content, context, config)
     weights = downlink.values("weights", free)
-    references = downlink.values("references", store.reference_index) if store.version else None
+    references = read_vector(content, "references", store.reference_index.size) if store.version else None
     theta = store.rebuild(weights, references)
     downlink.keep(theta)
     buffers = read_buffers(content, buffer_layout.numel)
@@ -140,7 +141,7 @@ def train(content: RecordDict, context: Context, config: Mapping[str, Any], part
             held = np.union1d(held, store.reference_index)
         hook = hold_fixed(weight_layout, model, held, theta[held])
     records = {"weights": free, **({"references": store.reference_index} if store.version else {}), "buffers": None}
-    uplink = Uplink(config, partition_id, theta, buffers, records)
+    uplink = Uplink(config, partition_id, theta, buffers, records, exact=("references",))
     _, _, metrics = train_locally(config, partition_id, theta, buffers, step_hook=hook, context=context, uplink=uplink)
     reply = uplink.content
     versions = {"store-version": store.version, **({"model-version": downlink.version} if downlink.head else {})}

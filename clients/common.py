@@ -209,11 +209,13 @@ class Uplink:
     per position of the weights (or buffers): `LocalTrainingState.residual`, saved with the state."""
 
     def __init__(self, config: Mapping[str, Any], partition_id: int, received: np.ndarray,
-                 received_buffers: np.ndarray, records: dict[str, np.ndarray | None]) -> None:
+                 received_buffers: np.ndarray, records: dict[str, np.ndarray | None],
+                 exact: tuple[str, ...] = ()) -> None:
         self.config, self.partition_id = config, partition_id
         self.codec = make_codec(dict(config), "up")
         self.received, self.received_buffers = received, received_buffers
         self.positions = records  # record key -> weight positions (None for "buffers": all of them)
+        self.exact = exact        # records that always go as they are (CMD's references)
         self.content = RecordDict()
 
     def encode(self, weights: np.ndarray, buffers: np.ndarray, state: "LocalTrainingState | None") -> RecordDict:
@@ -223,7 +225,7 @@ class Uplink:
             new, sent = (buffers, self.received_buffers) if group == "buffers" else (weights[at], self.received[at])
             if group == "buffers" and not new.size:
                 continue
-            if self.codec.lossless:
+            if self.codec.lossless or key in self.exact:
                 self.content[key] = vector_record(new)
                 continue
             change = new - sent
