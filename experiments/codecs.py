@@ -25,7 +25,8 @@ TOPK_FRACTION = 0.1
 # row: (method, codec); "none" is the float32 baseline
 ROWS = {"fedavg": ("fedavg", "none"), "cmd-int8": ("cmd", "int8"), "fedavg-int8": ("fedavg", "int8"),
         "cmd-fp16": ("cmd", "fp16"), "fedavg-fp16": ("fedavg", "fp16"), "cmd-topk": ("cmd", "topk"),
-        "fedavg-topk": ("fedavg", "topk"), "apf-int8": ("apf", "int8")}
+        "fedavg-topk": ("fedavg", "topk"), "apf-int8": ("apf", "int8"),
+        "cmd": ("cmd", "none")}  # CMD in float32: what the codec adds to CMD's own effect
 
 
 def out_folder(variant: str) -> Path:
