@@ -24,8 +24,7 @@ from flwr.app import Array, ArrayRecord, Context, MetricRecord, RecordDict
 from clients.common import SyncError, Uplink, hold_fixed, local_model, train_locally
 from fedcmd import task
 from fedcmd.codecs import Codec
-from strategies.base import make_codec, read_encoded, read_vector
-from strategies.fedavg import read_buffers
+from strategies.base import make_codec, read_buffers, read_encoded, read_vector
 
 STATE_KEY = "apf-sync"
 
@@ -108,7 +107,7 @@ class SyncedModel:
 def train(content: RecordDict, context: Context, config: Mapping[str, Any], partition_id: int) -> RecordDict:
     weight_layout, buffer_layout = task.layouts(config)
     synced = SyncedModel.load(context, weight_layout.numel)
-    synced.apply(content, make_codec(dict(config), "down"))
+    synced.apply(content, make_codec(config, "down"))
     synced.save(context)
     buffers = read_buffers(content, buffer_layout.numel)
     frozen = np.flatnonzero(~synced.active)

@@ -19,9 +19,8 @@ from flwr.app import Array, ArrayRecord, Context, MetricRecord, RecordDict
 
 from clients.common import Downlink, Uplink, hold_fixed, local_model, train_locally
 from fedcmd import task
-from strategies.base import read_vector
+from strategies.base import read_buffers, read_vector
 from strategies.cmd import EmbeddingEvent, decode_events, mode_dtype, rebuild_embedded
-from strategies.fedavg import read_buffers
 
 STORE_KEY = "cmd-store"
 
@@ -128,7 +127,7 @@ def train(content: RecordDict, context: Context, config: Mapping[str, Any], part
     store.save(context)
     free = store.free_index()
     downlink = Downlink(content, context, config)
-    weights = downlink.values("weights", free)
+    weights = downlink.values("weights", free.size, free)
     references = read_vector(content, "references", store.reference_index.size) if store.version else None
     theta = store.rebuild(weights, references)
     downlink.keep(theta)

@@ -168,14 +168,18 @@ class HeldModel:
                                                "version": Array(np.array([self.version], dtype=np.int64))})
 
 
+class SyncError(ValueError):
+    """A train message that does not apply to the model this client holds."""
+
+
 class Downlink:
     """How a client reads the dense values of a train message: as they are, or (a `sync` record of
     kind `delta`, codec-down lossy) as the decoded change from the model it holds."""
 
     def __init__(self, content: RecordDict, context: Context, config: Mapping[str, Any]) -> None:
-        self.head = content.get("sync") if "sync" in content else None
+        self.head = content.get("sync")
         self.content, self.context = content, context
-        self.codec = make_codec(dict(config), "down")
+        self.codec = make_codec(config, "down")
         self.held = HeldModel.load(context) if self.head is not None else None
         if self.head is not None and self.head["kind"] == "delta":
             if self.held.version != int(self.head["model-version"]) - 1:
@@ -186,20 +190,17 @@ class Downlink:
     def version(self) -> int | None:
         return int(self.head["model-version"]) if self.head is not None else None
 
-    def values(self, key: str, index: np.ndarray) -> np.ndarray:
-        """The values of record `key`, which sits at weight positions `index`."""
+    def values(self, key: str, length: int, index: np.ndarray | None = None) -> np.ndarray:
+        """The `length` values of record `key`, which sits at weight positions `index` (None: all)."""
         if self.head is None or self.head["kind"] != "delta":
-            return read_vector(self.content, key, index.size)
-        return self.held.weights[index] + read_encoded(self.content, key, index.size, self.codec)
+            return read_vector(self.content, key, length)
+        held = self.held.weights if index is None else self.held.weights[index]
+        return held + read_encoded(self.content, key, length, self.codec)
 
     def keep(self, weights: np.ndarray) -> None:
         """Hold the rebuilt global weights for the next message (a no-op without a lossy downlink)."""
         if self.head is not None:
-            HeldModel(weights.copy(), self.version).save(self.context)
-
-
-class SyncError(ValueError):
-    """A train message that does not apply to the model this client holds."""
+            HeldModel(weights, self.version).save(self.context)  # saving copies it into the state
 
 
 class Uplink:
@@ -212,7 +213,7 @@ class Uplink:
                  received_buffers: np.ndarray, records: dict[str, np.ndarray | None],
                  exact: tuple[str, ...] = ()) -> None:
         self.config, self.partition_id = config, partition_id
-        self.codec = make_codec(dict(config), "up")
+        self.codec = make_codec(config, "up")
         self.received, self.received_buffers = received, received_buffers
         self.positions = records  # record key -> weight positions (None for "buffers": all of them)
         self.exact = exact        # records that always go as they are (CMD's references)
@@ -229,7 +230,7 @@ class Uplink:
                 self.content[key] = vector_record(new)
                 continue
             change = new - sent
-            rng = codec_rng(dict(self.config), int(self.config["server-round"]), "up", self.partition_id, key)
+            rng = codec_rng(self.config, int(self.config["server-round"]), "up", self.partition_id, key)
             if self.codec.name == "topk":
                 full = buffers if group == "buffers" else weights
                 residual = state.residual.setdefault(group, np.zeros(full.size, dtype=np.float32))

@@ -5,18 +5,17 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-import numpy as np
 from flwr.app import Context, MetricRecord, RecordDict
 
 from clients.common import Downlink, Uplink, train_locally
 from fedcmd import task
-from strategies.fedavg import read_buffers
+from strategies.base import read_buffers
 
 
 def train(content: RecordDict, context: Context, config: Mapping[str, Any], partition_id: int) -> RecordDict:
     weight_layout, buffer_layout = task.layouts(config)
     downlink = Downlink(content, context, config)
-    weights = downlink.values("weights", np.arange(weight_layout.numel))
+    weights = downlink.values("weights", weight_layout.numel)
     downlink.keep(weights)
     buffers = read_buffers(content, buffer_layout.numel)
     uplink = Uplink(config, partition_id, weights, buffers, {"weights": None, "buffers": None})

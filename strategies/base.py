@@ -30,7 +30,7 @@ with its reason, whatever the exception; nothing in a reply can end the run):
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,12 +86,21 @@ def read_vector(content: RecordDict, key: str, length: int, dtype=np.float32) ->
     return values
 
 
-def make_codec(config: dict[str, Any], direction: str) -> Codec:
+def read_buffers(content: RecordDict, length: int) -> np.ndarray:
+    """The float32 `buffers` of a message, or none for a model without buffers."""
+    if length:
+        return read_vector(content, "buffers", length)
+    if "buffers" in content:  # the sender has no buffers to send: whatever came is not the model's
+        raise ReplyError("'buffers' sent for a model without buffers")
+    return np.zeros(0, dtype=np.float32)
+
+
+def make_codec(config: Mapping[str, Any], direction: str) -> Codec:
     """The codec of `direction` ("up": client to server, "down": server to client)."""
     return Codec(config[f"codec-{direction}"], chunk=config["codec-chunk"], fraction=config["topk-fraction"])
 
 
-def codec_rng(config: dict[str, Any], server_round: int, direction: str, partition_id: int, key: str
+def codec_rng(config: Mapping[str, Any], server_round: int, direction: str, partition_id: int, key: str
               ) -> np.random.Generator:
     """The generator of int8's stochastic rounding for one payload: drawn from (seed, round, direction,
     client, record), so reruns and resumed runs encode the same bytes (partition -1: the broadcast)."""
@@ -109,7 +118,7 @@ def read_encoded(content: RecordDict, key: str, length: int, codec: Codec) -> np
     not one (wrong arrays, dtypes or lengths, bad scales or indices, non-finite values)."""
     if codec.lossless:
         return read_vector(content, key, length)
-    record = content.get(key) if key in content else None
+    record = content.get(key)
     if not isinstance(record, ArrayRecord):
         raise ReplyError(f"reply has no '{key}' array record")
     try:
@@ -298,15 +307,11 @@ class FedcmdStrategy(Strategy):
     def read_buffer_values(self, content: RecordDict) -> np.ndarray:
         """The reply's buffers (through the uplink codec like any dense values), or none for a
         model without buffers."""
-        if self.buffers.size:
-            return self.read_values(content, "buffers", self.buffers)
-        if "buffers" in content:  # the sender has no buffers to send: whatever came is not the model's
-            raise ReplyError("'buffers' sent for a model without buffers")
-        return np.zeros(0, dtype=np.float32)
+        return self.read_values(content, "buffers", self.buffers) if self.buffers.size else read_buffers(content, 0)
 
-    def publish(self, server_round: int, before: np.ndarray, positions: dict[str, np.ndarray]) -> None:
+    def publish(self, server_round: int, before: np.ndarray, positions: dict[str, np.ndarray | slice]) -> None:
         """After aggregation, under a lossy `codec-down`: encode the change of the global weights at
-        `positions` (record key -> weight indices, ascending) once for the round, and make the global
+        `positions` (record key -> weight indices, ascending, or a slice) once for the round, and make the global
         weights what every client decodes: before + decode(encode(change)). The server's model is
         thereby exactly the one its clients rebuild. topk keeps the server's residual (error feedback).
         Clients that acknowledged model version `server_round - 1` get these bytes in the next round
@@ -324,7 +329,7 @@ class FedcmdStrategy(Strategy):
                     self.codec_down, change, self.down_residual[index], rng)
             else:
                 arrays[key] = self.codec_down.encode(change, rng)
-                decoded = self.codec_down.decode(arrays[key], index.size)
+                decoded = self.codec_down.decode(arrays[key], change.size)
             self.weights[index] = before[index] + decoded
         self.broadcast = Broadcast(server_round, arrays)
 

@@ -13,35 +13,20 @@ from typing import Any
 import numpy as np
 from flwr.app import RecordDict
 
-from strategies.base import FedcmdStrategy, ReplyError, read_vector, vector_record, weighted_mean
-
-
-def model_content(weights: np.ndarray, buffers: np.ndarray) -> RecordDict:
-    """The dense model as a FedAvg message carries it (an empty buffer vector is left out)."""
-    content = RecordDict({"weights": vector_record(weights)})
-    if buffers.size:
-        content["buffers"] = vector_record(buffers)
-    return content
-
-
-def read_buffers(content: RecordDict, length: int) -> np.ndarray:
-    if length:
-        return read_vector(content, "buffers", length)
-    if "buffers" in content:  # the sender has no buffers to send: whatever came is not the model's
-        raise ReplyError("'buffers' sent for a model without buffers")
-    return np.zeros(0, dtype=np.float32)
+from strategies.base import FedcmdStrategy, vector_record, weighted_mean
 
 
 class FedAvg(FedcmdStrategy):
     name = "fedavg"
 
     def train_content(self, server_round: int, partition_id: int) -> RecordDict:
+        # The dense model (an empty buffer vector is left out); under a lossy codec-down, `sync` too.
         head, broadcast = self.sync_head(server_round, partition_id)
-        if head is None:
-            return model_content(self.weights, self.buffers)
-        content = RecordDict({"sync": head, "weights": self.dense_record("weights", self.weights, broadcast)})
+        content = RecordDict({"weights": self.dense_record("weights", self.weights, broadcast)})
         if self.buffers.size:
             content["buffers"] = vector_record(self.buffers)
+        if head is not None:
+            content["sync"] = head
         return content
 
     def parse_reply(self, server_round: int, partition_id: int, content: RecordDict) -> Any:
@@ -56,4 +41,4 @@ class FedAvg(FedcmdStrategy):
         self.weights = weighted_mean([u[0] for _, (_, u) in updates], counts)
         if self.buffers.size:
             self.buffers = weighted_mean([u[1] for _, (_, u) in updates], counts)
-        self.publish(server_round, before, {"weights": np.arange(self.weights.size)})
+        self.publish(server_round, before, {"weights": slice(None)})
