@@ -24,7 +24,8 @@ from flwr.app import Array, ArrayRecord, Context, MetricRecord, RecordDict
 from clients.common import SyncError, Uplink, hold_fixed, local_model, train_locally
 from fedcmd import task
 from fedcmd.codecs import Codec
-from strategies.base import make_codec, read_buffers, read_encoded, read_vector
+from fedcmd.protocols.apf import SyncHead, unpack_mask
+from fedcmd.wire import make_codec, read_buffers, read_encoded, read_vector
 
 STATE_KEY = "apf-sync"
 
@@ -56,28 +57,33 @@ class SyncedModel:
             "active": Array(np.packbits(self.active)),
         })
 
-    def _positions(self, content: RecordDict, kind: str, head) -> np.ndarray:
+    def _positions(self, content: RecordDict, head: SyncHead) -> np.ndarray:
+        kind = head.kind
         if self.weights is None:
-            raise SyncError(f"'{kind}' catch-up from model version {head['from-version']}, "
+            raise SyncError(f"'{kind}' catch-up from model version {head.from_version}, "
                             "but this client holds no synchronised model")
-        if not head["from-version"] <= self.model_version <= head["model-version"]:
-            raise SyncError(f"'{kind}' catch-up covers model versions {head['from-version']}.."
-                            f"{head['model-version']}, but this client holds version {self.model_version}")
-        if kind == "delta" and self.model_version != head["model-version"] - 1:
-            raise SyncError(f"'delta' catch-up for model version {head['model-version']}, "
+        if not head.from_version <= self.model_version <= head.model_version:
+            raise SyncError(f"'{kind}' catch-up covers model versions {head.from_version}.."
+                            f"{head.model_version}, but this client holds version {self.model_version}")
+        if kind == "delta" and self.model_version != head.model_version - 1:
+            raise SyncError(f"'delta' catch-up for model version {head.model_version}, "
                             f"but this client holds version {self.model_version}")
         if kind in ("derived", "delta"):
-            if self.mask_version != head["base-mask-version"]:
-                raise SyncError(f"'derived' catch-up assumes mask version {head['base-mask-version']}, "
+            if self.mask_version != head.base_mask_version:
+                raise SyncError(f"'derived' catch-up assumes mask version {head.base_mask_version}, "
                                 f"but this client holds version {self.mask_version}")
             return np.flatnonzero(self.active)
         if kind == "explicit":
-            return np.flatnonzero(np.unpackbits(content["masks"]["changed"].numpy(), count=self.n_params))
+            changed = unpack_mask(content, "changed", self.n_params)
+            if changed is None:
+                raise SyncError("'explicit' catch-up without a 'changed' mask")
+            return np.flatnonzero(changed)
         raise SyncError(f"unknown catch-up kind {kind!r}")
 
     def _next_mask(self, content: RecordDict, mask_version: int) -> np.ndarray:
-        if "masks" in content and "active" in content["masks"]:
-            return np.unpackbits(content["masks"]["active"].numpy(), count=self.n_params).astype(bool)
+        active = unpack_mask(content, "active", self.n_params)
+        if active is not None:
+            return active
         if mask_version == 0:
             return np.ones(self.n_params, dtype=bool)
         if mask_version != self.mask_version:
@@ -88,20 +94,19 @@ class SyncedModel:
     def apply(self, content: RecordDict, codec: Codec = Codec()) -> None:
         """Bring model and mask to the versions the message states; on SyncError nothing changes.
         `delta` values are the decoded change (`codec`, the downlink's) from what this client holds."""
-        head = content["apf"]
-        kind = str(head["catch-up"])
-        index = None if kind == "full" else self._positions(content, kind, head)
-        if kind == "delta":
+        head = SyncHead.read(content)
+        index = None if head.kind == "full" else self._positions(content, head)
+        if head.kind == "delta":
             values = self.weights[index] + read_encoded(content, "weights", index.size, codec)
         else:
             values = read_vector(content, "weights", self.n_params if index is None else index.size)
-        active = self._next_mask(content, int(head["mask-version"]))
+        active = self._next_mask(content, head.mask_version)
         if index is None:
             self.weights = values.copy()
         else:
             self.weights[index] = values
         self.active = active
-        self.model_version, self.mask_version = int(head["model-version"]), int(head["mask-version"])
+        self.model_version, self.mask_version = head.model_version, head.mask_version
 
 
 def train(content: RecordDict, context: Context, config: Mapping[str, Any], partition_id: int) -> RecordDict:

@@ -19,8 +19,8 @@ from flwr.app import Array, ArrayRecord, Context, MetricRecord, RecordDict
 
 from clients.common import Downlink, Uplink, hold_fixed, local_model, train_locally
 from fedcmd import task
-from strategies.base import read_buffers, read_vector
-from strategies.cmd import EmbeddingEvent, decode_events, mode_dtype, rebuild_embedded
+from fedcmd.protocols.cmd import EmbeddingEvent, decode_events, mode_dtype, rebuild_embedded
+from fedcmd.wire import read_buffers, read_vector
 
 STORE_KEY = "cmd-store"
 

@@ -36,7 +36,7 @@ from fedcmd.flat import ParamLayout
 from fedcmd.sampling import local_seed
 from fedcmd.training import BatchStream, default_device, epoch_batches, make_optimizer, run_steps
 from fedcmd.codecs import with_error_feedback
-from strategies.base import codec_rng, encoded_record, make_codec, read_encoded, read_vector, vector_record
+from fedcmd.wire import codec_rng, encoded_record, make_codec, read_encoded, read_vector, vector_record
 
 STATE_KEY = "local-training"
 
@@ -243,13 +243,14 @@ class Uplink:
 
 def train_locally(config: Mapping[str, Any], partition_id: int, weights: np.ndarray, buffers: np.ndarray,
                   step_hook: Callable[[nn.Module], None] | None = None, context: Context | None = None,
-                  uplink: Uplink | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+                  uplink: Uplink | None = None, penalty: Callable[[nn.Module], torch.Tensor] | None = None,
+                  ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
     """Load (weights, buffers) into the model, train on this client's partition, return the result.
 
     `context` is the node's: it carries the batch-stream position and optimiser state between
     rounds when the config keeps them (without one, e.g. in a direct call, they start afresh).
     `uplink`, when given, encodes the trained values into `uplink.content` before the state (which
-    holds topk's residual) is saved.
+    holds topk's residual) is saved. `step_hook` and `penalty` are `fedcmd.training.run_steps`'s.
     """
     torch.set_num_threads(1)  # one core per client: clients run side by side on a shared machine
     model, weight_layout, buffer_layout = local_model(config)
@@ -277,7 +278,7 @@ def train_locally(config: Mapping[str, Any], partition_id: int, weights: np.ndar
                                 local_seed(config["seed"], server_round, partition_id))
     # batches hold positions within the partition; training reads those samples from the shared set
     started = time.perf_counter()
-    result = run_steps(model, data.train_x, data.train_y, (index[b] for b in batches), optimiser, step_hook)
+    result = run_steps(model, data.train_x, data.train_y, (index[b] for b in batches), optimiser, step_hook, penalty)
     seconds = time.perf_counter() - started
     trained, trained_buffers = weight_layout.flatten(model), buffer_layout.flatten(model)
     if uplink is not None:

@@ -5,9 +5,8 @@ from __future__ import annotations
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedcmd.config import resolve
-from fedcmd.registry import client_handler
-from strategies.base import CLIENT_KEYS
+from fedcmd.algorithms import algorithm
+from fedcmd.config import client_keys, resolve
 
 app = ClientApp()
 
@@ -28,10 +27,10 @@ def query(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     received = dict(msg.content["config"])
-    config = resolve({key: received[key] for key in CLIENT_KEYS})
+    config = resolve({key: received[key] for key in client_keys(str(received["strategy"]))})
     config["server-round"] = int(received["server-round"])
     # Where a client that keeps local-training state writes its copies for resumed runs (clients/common.py).
     config["run-token"] = str(received.get("run-token", ""))
     config["client-state-dir"] = str(received.get("client-state-dir", ""))
-    content = client_handler(config["strategy"])(msg.content, context, config, partition_id(context))
+    content = algorithm(config["strategy"]).client_function()(msg.content, context, config, partition_id(context))
     return Message(content, reply_to=msg)

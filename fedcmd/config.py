@@ -1,8 +1,17 @@
 """Experiment configuration: flat kebab-case keys, as in Flower's run config, validated once.
 
 A config is a TOML file of top-level keys (the same keys `flwr run --run-config` takes). Every key
-has a default and a type here; an unknown key or a value of the wrong type or range raises
-`ConfigError` naming the key, before anything runs.
+has a type and a default: the keys every run has are here (`CORE`), each algorithm's own keys are
+in its declaration (`fedcmd.algorithms`, `fedcmd/protocols/`); every config holds them all. An
+unknown key or a value of the wrong type or range raises `ConfigError` naming the key, before
+anything runs.
+
+pyproject.toml's `[tool.flwr.app.config]` lists every key with its default (Flower accepts no
+other key in `--run-config`); tests/test_config.py checks it, and
+
+    python -m fedcmd.config --pyproject      # rewrites that table from the declarations
+
+writes it.
 """
 
 from __future__ import annotations
@@ -10,11 +19,13 @@ from __future__ import annotations
 import math
 import tomllib
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from fedcmd import algorithms
+from fedcmd.algorithms import Key, fraction, non_negative, one_of, positive
 from fedcmd.codecs import CODECS
 
-STRATEGY_NAMES = ("fedavg", "cmd", "apf", "a-apf")
+STRATEGY_NAMES = tuple(algorithms.declared())
 PARTITION_NAMES = ("iid", "dirichlet", "pathological")
 OPTIMIZER_NAMES = ("sgd", "adam")  # fedcmd.training.make_optimizer
 OPTIMIZER_STATES = ("reset", "keep")
@@ -28,83 +39,75 @@ class SetupError(ConfigError):
     """A valid config that cannot be run as asked: the data, the model or the output folder do not fit."""
 
 
-def _positive(v: Any) -> bool:
-    return v > 0
-
-
-def _non_negative(v: Any) -> bool:
-    return v >= 0
-
-
-def _fraction(v: Any) -> bool:
-    return 0 < v <= 1
-
-
-def _one_of(names: tuple[str, ...]) -> Callable[[Any], bool]:
-    return lambda v: v in names
-
-
-# key: (type, default, check or None, what the check means)
-SCHEMA: dict[str, tuple[type, Any, Callable[[Any], bool] | None, str]] = {
-    "num-server-rounds": (int, 3, _positive, "a positive integer"),
-    "num-clients": (int, 10, _positive, "a positive integer"),
-    "fraction-train": (float, 1.0, _fraction, "in (0, 1]"),
-    "local-epochs": (int, 1, _positive, "a positive integer"),
+# The keys of every run.
+CORE: dict[str, Key] = {
+    "num-server-rounds": Key(int, 3, positive, "a positive integer"),
+    "num-clients": Key(int, 10, positive, "a positive integer"),
+    "fraction-train": Key(float, 1.0, fraction, "in (0, 1]"),
+    "local-epochs": Key(int, 1, positive, "a positive integer"),
     # Optimizer steps per round from a client's persistent batch stream; 0: `local-epochs` epochs.
-    "local-steps": (int, 0, _non_negative, "a non-negative integer (0: use local-epochs)"),
-    "batch-size": (int, 32, _positive, "a positive integer"),
-    "lr": (float, 0.05, _positive, "positive"),
-    "momentum": (float, 0.0, lambda v: 0 <= v < 1, "in [0, 1)"),
-    "weight-decay": (float, 0.0, _non_negative, "non-negative"),
-    "optimizer": (str, "sgd", _one_of(OPTIMIZER_NAMES), f"one of {', '.join(OPTIMIZER_NAMES)}"),
-    "adam-beta1": (float, 0.9, lambda v: 0 <= v < 1, "in [0, 1)"),
-    "adam-beta2": (float, 0.999, lambda v: 0 <= v < 1, "in [0, 1)"),
-    "adam-eps": (float, 1e-8, _positive, "positive"),
+    "local-steps": Key(int, 0, non_negative, "a non-negative integer (0: use local-epochs)"),
+    "batch-size": Key(int, 32, positive, "a positive integer"),
+    "lr": Key(float, 0.05, positive, "positive"),
+    "momentum": Key(float, 0.0, lambda v: 0 <= v < 1, "in [0, 1)"),
+    "weight-decay": Key(float, 0.0, non_negative, "non-negative"),
+    "optimizer": Key(str, "sgd", one_of(OPTIMIZER_NAMES), f"one of {', '.join(OPTIMIZER_NAMES)}"),
+    "adam-beta1": Key(float, 0.9, lambda v: 0 <= v < 1, "in [0, 1)"),
+    "adam-beta2": Key(float, 0.999, lambda v: 0 <= v < 1, "in [0, 1)"),
+    "adam-eps": Key(float, 1e-8, positive, "positive"),
     # keep: each client's optimizer state (momentum, Adam moments) lives on in its node across rounds.
-    "optimizer-state": (str, "reset", _one_of(OPTIMIZER_STATES), f"one of {', '.join(OPTIMIZER_STATES)}"),
-    "seed": (int, 0, _non_negative, "a non-negative integer"),
-    "data-seed": (int, 0, _non_negative, "a non-negative integer"),
-    "dataset": (str, "fashion-mnist", None, ""),
-    "data-dir": (str, "", None, ""),
-    "download": (bool, False, None, ""),
-    "synthetic-train-size": (int, 2000, _positive, "a positive integer"),
-    "synthetic-test-size": (int, 500, _positive, "a positive integer"),
-    "synthetic-shape": (str, "1x28x28", None, ""),
-    "partition": (str, "iid", _one_of(PARTITION_NAMES), f"one of {', '.join(PARTITION_NAMES)}"),
-    "dirichlet-alpha": (float, 0.5, _positive, "positive"),
-    "classes-per-client": (int, 2, _positive, "a positive integer"),
-    "model": (str, "lenet5", None, ""),
-    "strategy": (str, "fedavg", _one_of(STRATEGY_NAMES), f"one of {', '.join(STRATEGY_NAMES)}"),
-    "round-timeout": (float, 600.0, _positive, "positive (seconds)"),
+    "optimizer-state": Key(str, "reset", one_of(OPTIMIZER_STATES), f"one of {', '.join(OPTIMIZER_STATES)}"),
+    "seed": Key(int, 0, non_negative, "a non-negative integer"),
+    "data-seed": Key(int, 0, non_negative, "a non-negative integer"),
+    "dataset": Key(str, "fashion-mnist", None, ""),
+    "data-dir": Key(str, "", None, ""),
+    "download": Key(bool, False, None, ""),
+    "synthetic-train-size": Key(int, 2000, positive, "a positive integer"),
+    "synthetic-test-size": Key(int, 500, positive, "a positive integer"),
+    "synthetic-shape": Key(str, "1x28x28", None, ""),
+    "partition": Key(str, "iid", one_of(PARTITION_NAMES), f"one of {', '.join(PARTITION_NAMES)}"),
+    "dirichlet-alpha": Key(float, 0.5, positive, "positive"),
+    "classes-per-client": Key(int, 2, positive, "a positive integer"),
+    "model": Key(str, "lenet5", None, ""),
+    "strategy": Key(str, "fedavg", one_of(STRATEGY_NAMES), f"one of {', '.join(STRATEGY_NAMES)}"),
+    "round-timeout": Key(float, 600.0, positive, "positive (seconds)"),
     # Central evaluation every k rounds and after the last one.
-    "eval-every": (int, 1, _positive, "a positive integer"),
-    # Federated CMD (strategies/cmd.py)
-    "cmd-modes": (int, 10, _positive, "a positive integer"),
-    "cmd-warmup": (int, 5, _positive, "a positive integer"),
-    "cmd-every": (int, 1, _positive, "a positive integer"),
-    "cmd-fraction": (float, 0.15, _fraction, "in (0, 1]"),
-    "cmd-of-remaining": (bool, True, None, ""),
-    "cmd-max-embedded": (float, 0.9, _fraction, "in (0, 1]"),
-    "cmd-samples": (int, 1000, _positive, "a positive integer"),
-    "cmd-embedded-training": (str, "frozen", _one_of(("snap", "frozen")), "one of snap, frozen"),
-    # APF / A-APF (strategies/apf.py)
-    "apf-threshold": (float, 0.05, _positive, "positive"),
-    "apf-alpha": (float, 0.99, lambda v: 0 < v < 1, "in (0, 1)"),
-    "apf-check-every": (int, 1, _positive, "a positive integer"),
-    "apf-tighten-at": (float, 0.8, _fraction, "in (0, 1]"),
-    "apf-random-freeze-periods": (int, 1, _positive, "a positive integer"),  # A-APF's random freeze length
+    "eval-every": Key(int, 1, positive, "a positive integer"),
     # Wire codecs for the dense values (fedcmd/codecs.py, strategies/base.py): on the uplink and on the
     # downlink, each none | fp16 | bf16 | int8 | topk, applied to the change from what the receiver holds.
-    "codec-up": (str, "none", _one_of(CODECS), f"one of {', '.join(CODECS)}"),
-    "codec-down": (str, "none", _one_of(CODECS), f"one of {', '.join(CODECS)}"),
-    "codec-chunk": (int, 1024, _positive, "a positive integer"),  # int8: values per scale
-    "topk-fraction": (float, 0.01, _fraction, "in (0, 1]"),      # topk: share of the values sent
+    "codec-up": Key(str, "none", one_of(CODECS), f"one of {', '.join(CODECS)}"),
+    "codec-down": Key(str, "none", one_of(CODECS), f"one of {', '.join(CODECS)}"),
+    "codec-chunk": Key(int, 1024, positive, "a positive integer"),  # int8: values per scale
+    "topk-fraction": Key(float, 0.01, fraction, "in (0, 1]"),      # topk: share of the values sent
     # Defences against clients that lie (strategies/base.py, fedcmd/server.py)
-    "max-update-norm": (float, 0.0, _non_negative, "non-negative (0 = no bound)"),
-    "partition-binding": (str, "", None, ""),  # JSON file: node public key -> partition (deploy --auth)
+    "max-update-norm": Key(float, 0.0, non_negative, "non-negative (0 = no bound)"),
+    "partition-binding": Key(str, "", None, ""),  # JSON file: node public key -> partition (deploy --auth)
 }
 
-DEFAULTS: dict[str, Any] = {key: spec[1] for key, spec in SCHEMA.items()}
+# Every key: CORE, then each declared algorithm's own keys.
+SCHEMA: dict[str, Key] = dict(CORE)
+for _algorithm in algorithms.declared().values():
+    if set(_algorithm.keys) & set(CORE):
+        raise RuntimeError(f"algorithm {_algorithm.name} declares core keys {sorted(set(_algorithm.keys) & set(CORE))}")
+    SCHEMA.update(_algorithm.keys)
+
+DEFAULTS: dict[str, Any] = {key: spec.default for key, spec in SCHEMA.items()}
+
+# Keys every client needs to load its data, train and encode its reply; an algorithm's declaration
+# adds its own (`client_keys`). Sent in every train message.
+CLIENT_KEYS = (
+    "dataset", "data-dir", "download", "synthetic-train-size", "synthetic-test-size", "synthetic-shape",
+    "partition", "dirichlet-alpha", "classes-per-client", "num-clients", "data-seed", "model",
+    "local-epochs", "local-steps", "batch-size", "lr", "momentum", "weight-decay", "optimizer", "adam-beta1",
+    "adam-beta2", "adam-eps", "optimizer-state", "seed", "strategy",
+    "codec-up", "codec-down", "codec-chunk", "topk-fraction",
+)
+
+
+def client_keys(strategy: str) -> tuple[str, ...]:
+    """The config keys a client of `strategy` reads (ValueError for an unknown strategy)."""
+    extra = algorithms.algorithm(strategy).client_keys
+    return CLIENT_KEYS + tuple(key for key in extra if key not in CLIENT_KEYS)
 
 
 def keeps_local_state(config: dict[str, Any]) -> bool:
@@ -114,7 +117,7 @@ def keeps_local_state(config: dict[str, Any]) -> bool:
 
 
 def _coerce(key: str, value: Any) -> Any:
-    kind, _, check, meaning = SCHEMA[key]
+    kind, check, meaning = SCHEMA[key].kind, SCHEMA[key].check, SCHEMA[key].meaning
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if kind is bool and not isinstance(value, bool):
@@ -189,3 +192,42 @@ def to_toml(config: dict[str, Any]) -> str:
             text = repr(value)
         lines.append(f"{key} = {text}")
     return "\n".join(lines) + "\n"
+
+
+# Keys of the Flower app's run config that are not experiment keys.
+APP_ONLY_KEYS = {"out-dir": ""}  # where `flwr run` writes the outputs (fedcmd/server_app.py)
+PYPROJECT_TABLE = "[tool.flwr.app.config]"
+
+
+def pyproject_table() -> str:
+    """pyproject.toml's run-config table: every key with its default, then the app's own keys."""
+    comment = "# Every experiment key (fedcmd/config.py), so `flwr run --run-config` accepts any of them.\n"
+    comment += "# Generated: python -m fedcmd.config --pyproject\n"
+    body = to_toml({**DEFAULTS, **APP_ONLY_KEYS})
+    return f"{PYPROJECT_TABLE}\n{comment}{body}"
+
+
+def write_pyproject(path: str | Path) -> bool:
+    """Rewrite the run-config table of the pyproject.toml at `path`; True if it changed."""
+    path = Path(path)
+    text = path.read_text()
+    start = text.index(PYPROJECT_TABLE)
+    end = text.find("\n[", start + len(PYPROJECT_TABLE))
+    end = len(text) if end < 0 else end + 1
+    new = text[:start] + pyproject_table() + ("\n" if end < len(text) else "") + text[end:]
+    if new != text:
+        path.write_text(new)
+    return new != text
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="fedcmd's config keys")
+    parser.add_argument("--pyproject", nargs="?", const="pyproject.toml", metavar="PATH",
+                        help="rewrite the [tool.flwr.app.config] table of PATH (default ./pyproject.toml)")
+    args = parser.parse_args()
+    if args.pyproject:
+        print(("rewrote " if write_pyproject(args.pyproject) else "unchanged: ") + args.pyproject)
+    else:
+        print(to_toml(DEFAULTS), end="")

@@ -30,7 +30,7 @@ from fedcmd.binding import pem_fingerprint, read_binding
 from fedcmd.checkpoint import CHECKPOINT_NAME, Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from fedcmd.config import ConfigError, SetupError, keeps_local_state, to_toml
 from fedcmd.data import DatasetNotFoundError, partition_report, write_partition_report
-from fedcmd.registry import strategy_class
+from fedcmd.algorithms import algorithm
 from fedcmd.report import RUN_OUTPUTS, RunTables, write_summary
 from fedcmd.training import evaluate
 from strategies.base import FedcmdStrategy, RoundLog
@@ -122,7 +122,7 @@ def make_strategy(config: dict[str, Any], accountant: VolumeAccountant | None = 
     """The configured strategy, holding the initial global model (initialised from `seed`)."""
     model = task.new_model(config, seed=config["seed"])
     weight_layout, buffer_layout = task.layouts(config)
-    cls = strategy_class(config["strategy"])
+    cls = algorithm(config["strategy"]).server_class()
     return cls(weight_layout.flatten(model), buffer_layout.flatten(model), config, accountant)
 
 

@@ -87,11 +87,13 @@ class BatchStream:
 
 def run_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batches: Iterable[torch.Tensor],
               optimiser: torch.optim.Optimizer, step_hook: Callable[[nn.Module], None] | None = None,
-              ) -> dict[str, float]:
+              penalty: Callable[[nn.Module], torch.Tensor] | None = None) -> dict[str, float]:
     """One optimiser step per index batch; returns the mean loss and the step count.
 
     `step_hook(model)` runs after every optimiser step; strategies use it to hold parameters that
-    must not move (frozen APF scalars, frozen embedded CMD weights).
+    must not move (frozen APF scalars, frozen embedded CMD weights). `penalty(model)`, a scalar
+    tensor, is added to every step's objective (FedProx's proximal term); the loss reported is the
+    data loss alone, comparable across strategies.
     """
     if len(x) != len(y):
         raise ValueError(f"train: {len(x)} inputs but {len(y)} labels")
@@ -104,7 +106,7 @@ def run_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batches: Itera
     for batch in batches:
         optimiser.zero_grad(set_to_none=True)
         loss = loss_fn(model(x[batch].to(device)), y[batch].to(device))
-        loss.backward()
+        (loss + penalty(model) if penalty is not None else loss).backward()
         optimiser.step()
         if step_hook is not None:
             step_hook(model)

@@ -52,15 +52,15 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, RecordDict
 
 from fedcmd.apf import FreezingController
-from strategies.base import FedcmdStrategy, ReplyError, read_int, vector_record, weighted_mean
-
-CATCH_UP_KINDS = ("delta", "derived", "explicit", "full")  # preference order on equal cost
+from fedcmd.protocols.apf import CATCH_UP_KINDS, HEAD, MASKS, REPLY_METRICS, SyncHead, pack_mask
+from fedcmd.wire import ReplyError, vector_record
+from strategies.base import FedcmdStrategy, Reply, read_int, weighted_mean
 
 
 @dataclass(frozen=True)
@@ -80,13 +80,21 @@ class Acked:
     mask_version: int
 
 
-def pack_mask(mask: np.ndarray) -> Array:
-    return Array(np.packbits(mask))
+class APFUpdate(NamedTuple):
+    """An APF client's reply: its active weights (ascending positions of the mask sent), its
+    buffers, and the model and mask versions it now holds."""
+
+    weights: np.ndarray
+    buffers: np.ndarray
+    held: Acked
 
 
 class APF(FedcmdStrategy):
+    """APF, server side (module docstring): the freezing controller on the global model, each
+    client brought to the current model by the cheapest catch-up."""
+
     name = "apf"
-    reply_metrics = ("model-version", "mask-version")
+    reply_metrics = REPLY_METRICS
     aggressive = False
     own_model_versions = True  # a lossy codec-down's broadcast is one more catch-up kind, `delta`
 
@@ -155,12 +163,10 @@ class APF(FedcmdStrategy):
     def train_content(self, server_round: int, partition_id: int) -> RecordDict:
         kind, index = self._catch_up(server_round, partition_id)
         acked = self.acked.get(partition_id)
-        head = {"model-version": server_round - 1, "mask-version": self.mask.version, "catch-up": kind,
-                "from-version": acked.model_version if kind != "full" else -1}
-        if kind in ("derived", "delta"):
-            head["base-mask-version"] = acked.mask_version
+        head = SyncHead(kind, server_round - 1, self.mask.version, acked.model_version if kind != "full" else -1,
+                        acked.mask_version if kind in ("derived", "delta") else None)
         values = self.weights if index is None else self.weights[index]
-        content = RecordDict({"apf": ConfigRecord(head),
+        content = RecordDict({HEAD: head.record(),
                               "weights": self.dense_record("weights", values, self.broadcast if kind == "delta" else None)})
         masks = {}
         if kind == "explicit":
@@ -171,27 +177,27 @@ class APF(FedcmdStrategy):
             masks["active"] = pack_mask(self.mask.active)
             self.catch_ups[server_round]["mask"] += 1
         if masks:
-            content["masks"] = ArrayRecord(masks)
+            content[MASKS] = ArrayRecord(masks)
         if self.buffers.size:
             content["buffers"] = vector_record(self.buffers)
         self.catch_ups[server_round][kind] += 1
         self.sent[partition_id] = Acked(server_round - 1, self.mask.version)
         return content
 
-    def parse_reply(self, server_round: int, partition_id: int, content: RecordDict) -> Any:
+    def parse_reply(self, server_round: int, partition_id: int, content: RecordDict) -> APFUpdate:
         sent = self.sent[partition_id]
         metrics = content["metrics"]
         held = Acked(read_int(metrics, "model-version"), read_int(metrics, "mask-version"))
         if held != sent:
             raise ReplyError(f"client holds model/mask versions {held}, expected {sent}")
-        return (self.read_values(content, "weights", self.weights[self.mask.index]), self.read_buffer_values(content),
-                held)
+        return APFUpdate(self.read_values(content, "weights", self.weights[self.mask.index]),
+                         self.read_buffer_values(content), held)
 
-    def update_pairs(self, update: Any) -> list[tuple[np.ndarray, np.ndarray]]:
-        return [(update[0], self.weights[self.mask.index]), (update[1], self.buffers)]
+    def update_pairs(self, update: APFUpdate) -> list[tuple[np.ndarray, np.ndarray]]:
+        return [(update.weights, self.weights[self.mask.index]), (update.buffers, self.buffers)]
 
-    def on_reply_accepted(self, server_round: int, partition_id: int, update: Any) -> None:
-        self.acked[partition_id] = update[2]
+    def on_reply_accepted(self, server_round: int, partition_id: int, update: APFUpdate) -> None:
+        self.acked[partition_id] = update.held
 
     def on_reply_rejected(self, server_round: int, partition_id: int) -> None:
         # The client's state is unknown (it may have refused the message, or lost its state).
@@ -201,15 +207,15 @@ class APF(FedcmdStrategy):
         self.on_reply_rejected(0, partition_id)
 
     # ----- aggregation and the stability check -------------------------------------------------
-    def aggregate(self, server_round: int, updates: list[tuple[int, Any]]) -> None:
-        counts = [n for _, (n, _) in updates]
+    def aggregate(self, server_round: int, replies: list[Reply]) -> None:
+        counts = [r.examples for r in replies]
         before = self.weights
         self.weights = before.copy()
-        self.weights[self.mask.index] = weighted_mean([u[0] for _, (_, u) in updates], counts)
+        self.weights[self.mask.index] = weighted_mean([r.update.weights for r in replies], counts)
         self.publish(server_round, before, {"weights": self.mask.index})
         self.changed_in[self.weights != before] = server_round
         if self.buffers.size:
-            self.buffers = weighted_mean([u[1] for _, (_, u) in updates], counts)
+            self.buffers = weighted_mean([r.update.buffers for r in replies], counts)
 
     def aggregate_train(self, server_round, replies):
         result = super().aggregate_train(server_round, replies)

@@ -30,9 +30,9 @@ with its reason, whatever the exception; nothing in a reply can end the run):
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -41,90 +41,13 @@ from flwr.serverapp.strategy import Strategy
 
 from fedcmd import task
 from fedcmd.accountant import VolumeAccountant
-from fedcmd.codecs import Codec, CodecError, with_error_feedback
+from fedcmd.codecs import with_error_feedback
+from fedcmd.config import client_keys
 from fedcmd.sampling import sample_cohort
+from fedcmd.wire import (DIRECTIONS, PAYLOAD_KEYS, ReplyError, codec_rng, encoded_record, make_codec,  # noqa: F401
+                         read_buffers, read_encoded, read_vector, vector_record)
 
 log = logging.getLogger("fedcmd")
-
-# Run-config keys a client needs to load its data and train; sent in every train message.
-CLIENT_KEYS = (
-    "dataset", "data-dir", "download", "synthetic-train-size", "synthetic-test-size", "synthetic-shape",
-    "partition", "dirichlet-alpha", "classes-per-client", "num-clients", "data-seed", "model",
-    "local-epochs", "local-steps", "batch-size", "lr", "momentum", "weight-decay", "optimizer", "adam-beta1",
-    "adam-beta2", "adam-eps", "optimizer-state", "seed", "strategy",
-    "cmd-embedded-training", "codec-up", "codec-down", "codec-chunk", "topk-fraction",
-)
-
-# The dense value payloads, which travel through the wire codecs (`codec-up`, `codec-down`).
-PAYLOAD_KEYS = ("weights", "references", "buffers")
-DIRECTIONS = ("up", "down")
-
-
-class ReplyError(ValueError):
-    """A client reply that cannot be used: it is rejected and counted, the model is untouched."""
-
-
-def vector_record(values: np.ndarray) -> ArrayRecord:
-    """One flat array under the key `values`: one Flower Array costs ~0.5 KB of headers, so
-    strategies send few, large arrays."""
-    return ArrayRecord({"values": Array(np.ascontiguousarray(values))})
-
-
-def read_vector(content: RecordDict, key: str, length: int, dtype=np.float32) -> np.ndarray:
-    """The `values` array of record `key`, checked for presence, dtype, length and finiteness."""
-    if key not in content or not isinstance(content[key], ArrayRecord) or "values" not in content[key]:
-        raise ReplyError(f"reply has no '{key}' array")
-    if len(content[key]) != 1:
-        raise ReplyError(f"'{key}' must hold only its 'values' array, got {sorted(content[key])[:5]}")
-    values = content[key]["values"].numpy()
-    if values.dtype != np.dtype(dtype) or values.ndim != 1:
-        raise ReplyError(f"'{key}' must be a flat {np.dtype(dtype).name} array, got {values.dtype} {values.shape}")
-    if values.size != length:
-        raise ReplyError(f"'{key}' has {values.size} values, expected {length}")
-    if values.dtype.kind == "f" and not np.isfinite(values).all():
-        raise ReplyError(f"'{key}' holds NaN or Inf")
-    return values
-
-
-def read_buffers(content: RecordDict, length: int) -> np.ndarray:
-    """The float32 `buffers` of a message, or none for a model without buffers."""
-    if length:
-        return read_vector(content, "buffers", length)
-    if "buffers" in content:  # the sender has no buffers to send: whatever came is not the model's
-        raise ReplyError("'buffers' sent for a model without buffers")
-    return np.zeros(0, dtype=np.float32)
-
-
-def make_codec(config: Mapping[str, Any], direction: str) -> Codec:
-    """The codec of `direction` ("up": client to server, "down": server to client)."""
-    return Codec(config[f"codec-{direction}"], chunk=config["codec-chunk"], fraction=config["topk-fraction"])
-
-
-def codec_rng(config: Mapping[str, Any], server_round: int, direction: str, partition_id: int, key: str
-              ) -> np.random.Generator:
-    """The generator of int8's stochastic rounding for one payload: drawn from (seed, round, direction,
-    client, record), so reruns and resumed runs encode the same bytes (partition -1: the broadcast)."""
-    return np.random.default_rng([config["seed"], server_round, DIRECTIONS.index(direction), partition_id + 1,
-                                  PAYLOAD_KEYS.index(key)])
-
-
-def encoded_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    """A codec's arrays (`fedcmd.codecs`) as the array record that carries them."""
-    return ArrayRecord({name: Array(np.ascontiguousarray(values)) for name, values in arrays.items()})
-
-
-def read_encoded(content: RecordDict, key: str, length: int, codec: Codec) -> np.ndarray:
-    """The decoded values of record `key`, a `codec` payload of `length` values; ReplyError if it is
-    not one (wrong arrays, dtypes or lengths, bad scales or indices, non-finite values)."""
-    if codec.lossless:
-        return read_vector(content, key, length)
-    record = content.get(key)
-    if not isinstance(record, ArrayRecord):
-        raise ReplyError(f"reply has no '{key}' array record")
-    try:
-        return codec.decode({name: record[name].numpy() for name in record}, length)
-    except CodecError as err:
-        raise ReplyError(f"'{key}' is not a {codec.name} payload of {length} values: {err}") from None
 
 
 def shown(value: Any, limit: int = 60) -> str:
@@ -186,6 +109,16 @@ class RoundLog:
     train_seconds: float = 0.0  # sum over accepted replies of the clients' own optimizer-step time
 
 
+class Reply(NamedTuple):
+    """An accepted reply, as `aggregate` gets it: the partition it answers for, the examples it
+    stands for (the server's count of that partition) and the strategy's typed update
+    (what its `parse_reply` returned)."""
+
+    partition_id: int
+    examples: float
+    update: Any
+
+
 # Metrics every client sends: its example count (checked), and figures that are only reported
 # (train loss; optimizer steps made and the seconds they took, clients/common.py).
 REPORTED_METRICS = ("num-examples", "train-loss", "local-steps", "train-seconds")
@@ -223,12 +156,21 @@ class FedcmdStrategy(Strategy):
 
     # ----- what subclasses define -------------------------------------------------------------
     def train_content(self, server_round: int, partition_id: int) -> RecordDict:
+        """The records of partition `partition_id`'s train message in `server_round` (the base class
+        adds `config`, sends it and counts it): the model or what the client lacks of it, as the
+        strategy's protocol module says (`fedcmd/protocols/<name>.py`). Dense payloads go through
+        `dense_record` (the downlink codec) and `sync_head`."""
         raise NotImplementedError
 
     def parse_reply(self, server_round: int, partition_id: int, content: RecordDict) -> Any:
+        """The strategy's typed update (a NamedTuple of its own) read from a reply's records, after the
+        base class checked the metrics shared by all strategies; raise `ReplyError` saying what is
+        wrong, and change nothing. Dense payloads are read through `read_values` (the uplink codec)."""
         raise NotImplementedError
 
-    def aggregate(self, server_round: int, updates: list[tuple[int, Any]]) -> None:
+    def aggregate(self, server_round: int, replies: list[Reply]) -> None:
+        """Turn the round's accepted replies (at least one, in partition order) into the next global
+        model (`self.weights`, `self.buffers`); under a lossy `codec-down`, end with `publish`."""
         raise NotImplementedError
 
     def update_pairs(self, update: Any) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -288,7 +230,7 @@ class FedcmdStrategy(Strategy):
         self.on_node_changed(partition_id)
 
     def client_config(self, server_round: int) -> ConfigRecord:
-        values = {key: self.config[key] for key in CLIENT_KEYS}
+        values = {key: self.config[key] for key in client_keys(self.name)}
         values.update(self.run_info)
         values["server-round"] = server_round
         return ConfigRecord(values)
@@ -409,7 +351,7 @@ class FedcmdStrategy(Strategy):
                 self.held.pop(pid, None)
                 self.on_reply_rejected(server_round, pid)
                 continue
-            updates.append((pid, (examples, update)))
+            updates.append(Reply(pid, examples, update))
             losses.append(loss)
             log_.train_seconds += seconds
             log_.accepted.append(pid)

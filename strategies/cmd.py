@@ -39,100 +39,36 @@ Protocol (decisions the paper leaves open are marked *):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import RecordDict
 
 from fedcmd import task
 from fedcmd.cmd import EmbeddingSchedule, OnlineCMD  # noqa: F401
-from strategies.base import FedcmdStrategy, ReplyError, read_int, read_vector, vector_record, weighted_mean
+from fedcmd.protocols.cmd import REPLY_METRICS, EmbeddingEvent, encode_events, mode_dtype, rebuild_embedded
+from fedcmd.wire import ReplyError, read_vector, vector_record
+from strategies.base import FedcmdStrategy, Reply, read_int, weighted_mean
 
 
-def mode_dtype(n_modes: int) -> np.dtype:
-    return np.dtype(np.uint8) if n_modes <= 256 else np.dtype(np.uint16)
+class CMDUpdate(NamedTuple):
+    """A CMD client's reply: its non-embedded, non-reference weights (in the store's order), its M
+    reference weights (None before the first embedding event), its buffers, and the coefficient
+    store version it holds."""
 
-
-@dataclass(frozen=True)
-class EmbeddingEvent:
-    index: np.ndarray   # int64, ascending
-    a: np.ndarray       # float32
-    b: np.ndarray       # float32
-    mode: np.ndarray    # uint8 / uint16
-
-
-def encode_events(events: list[EmbeddingEvent], n_params: int, from_version: int, to_version: int,
-                  reference_index: np.ndarray, n_modes: int) -> RecordDict:
-    """The records that carry `events` (the log's entries from_version..to_version-1)."""
-    content = RecordDict()
-    content["cmd"] = ConfigRecord({"from-version": from_version, "to-version": to_version, "n-modes": n_modes})
-    if not events:
-        return content
-    content["coefficients"] = ArrayRecord({
-        "a": Array(np.concatenate([e.a for e in events])),
-        "b": Array(np.concatenate([e.b for e in events])),
-        "mode": Array(np.concatenate([e.mode for e in events]).astype(mode_dtype(n_modes))),
-    })
-    counts = np.array([e.index.size for e in events], dtype=np.int64)
-    mask_bytes = len(events) * ((n_params + 7) // 8)
-    if mask_bytes <= 4 * int(counts.sum()):
-        masks = np.zeros((len(events), n_params), dtype=bool)
-        for row, event in enumerate(events):
-            masks[row, event.index] = True
-        content["masks"] = ArrayRecord({"values": Array(np.packbits(masks, axis=1))})
-    else:
-        content["indices"] = ArrayRecord({"values": Array(np.concatenate([e.index for e in events]).astype(np.int32)),
-                                          "counts": Array(counts.astype(np.int32))})
-    if from_version == 0:  # a client's first events: it learns the reference weights too
-        if "indices" not in content:
-            content["indices"] = ArrayRecord()
-        content["indices"]["reference-index"] = Array(reference_index.astype(np.int64))
-    return content
-
-
-def decode_events(content: RecordDict, n_params: int) -> tuple[int, int, list[EmbeddingEvent], np.ndarray | None]:
-    """(from_version, to_version, events, reference_index or None) from a train message."""
-    head = content["cmd"]
-    from_version, to_version = int(head["from-version"]), int(head["to-version"])
-    n_events = to_version - from_version
-    if n_events == 0:
-        return from_version, to_version, [], None
-    coeff = content["coefficients"]
-    a, b, mode = coeff["a"].numpy(), coeff["b"].numpy(), coeff["mode"].numpy()
-    if "masks" in content:
-        packed = content["masks"]["values"].numpy()
-        masks = np.unpackbits(packed, axis=1, count=n_params).astype(bool)
-        indices = [np.flatnonzero(row) for row in masks]
-    else:
-        flat = content["indices"]["values"].numpy().astype(np.int64)
-        counts = content["indices"]["counts"].numpy()
-        indices = np.split(flat, np.cumsum(counts)[:-1])
-    if len(indices) != n_events:
-        raise ValueError(f"coefficient delta announces {n_events} events but carries {len(indices)}")
-    events, start = [], 0
-    for index in indices:
-        stop = start + index.size
-        events.append(EmbeddingEvent(index.astype(np.int64), a[start:stop], b[start:stop], mode[start:stop]))
-        start = stop
-    if start != a.size:
-        raise ValueError(f"coefficient delta has {a.size} coefficients for {start} embedded weights")
-    reference_index = None
-    if "indices" in content and "reference-index" in content["indices"]:
-        reference_index = content["indices"]["reference-index"].numpy().astype(np.int64)
-    return from_version, to_version, events, reference_index
-
-
-def rebuild_embedded(theta: np.ndarray, embedded_index: np.ndarray, a: np.ndarray, b: np.ndarray,
-                     mode: np.ndarray, reference_index: np.ndarray) -> None:
-    """theta[i] = a_i * theta[ref(mode_i)] + b_i for embedded i, in float32 (server and client alike)."""
-    theta[embedded_index] = a * theta[reference_index[mode.astype(np.int64)]] + b
+    weights: np.ndarray
+    references: np.ndarray | None
+    buffers: np.ndarray
+    store_version: int
 
 
 class CMD(FedcmdStrategy):
+    """Federated embedded CMD, server side (module docstring): FedAvg until the warm-up ends, then
+    embedding events by `EmbeddingSchedule`, each client's coefficient store kept current by deltas."""
+
     name = "cmd"
     reply_records = ("weights", "references", "buffers")
-    reply_metrics = ("store-version",)
+    reply_metrics = REPLY_METRICS
 
     def __init__(self, weights, buffers, config, accountant=None) -> None:
         super().__init__(weights, buffers, config, accountant)
@@ -189,7 +125,7 @@ class CMD(FedcmdStrategy):
         self.sent[(server_round, partition_id)] = self.version
         return content
 
-    def parse_reply(self, server_round: int, partition_id: int, content: RecordDict) -> Any:
+    def parse_reply(self, server_round: int, partition_id: int, content: RecordDict) -> CMDUpdate:
         held = read_int(content["metrics"], "store-version")
         if held != self.sent[(server_round, partition_id)]:
             raise ReplyError(f"client holds coefficient store version {held}, "
@@ -198,15 +134,16 @@ class CMD(FedcmdStrategy):
         if not self.version and "references" in content:
             raise ReplyError("'references' sent before any weight was embedded")
         references = read_vector(content, "references", self.reference_index.size) if self.version else None
-        return weights, references, self.read_buffer_values(content), held
+        return CMDUpdate(weights, references, self.read_buffer_values(content), held)
 
-    def update_pairs(self, update: Any) -> list[tuple[np.ndarray, np.ndarray]]:
-        weights, references, buffers, _ = update
-        pairs = [(weights, self.weights[self.free_index]), (buffers, self.buffers)]
-        return pairs + ([(references, self.weights[self.reference_index])] if references is not None else [])
+    def update_pairs(self, update: CMDUpdate) -> list[tuple[np.ndarray, np.ndarray]]:
+        pairs = [(update.weights, self.weights[self.free_index]), (update.buffers, self.buffers)]
+        if update.references is not None:
+            pairs.append((update.references, self.weights[self.reference_index]))
+        return pairs
 
-    def on_reply_accepted(self, server_round: int, partition_id: int, update: Any) -> None:
-        self.acked[partition_id] = update[3]
+    def on_reply_accepted(self, server_round: int, partition_id: int, update: CMDUpdate) -> None:
+        self.acked[partition_id] = update.store_version
 
     def on_node_changed(self, partition_id: int) -> None:
         # A node that reconnects under a new id may have lost its state: resend it everything.
@@ -217,15 +154,15 @@ class CMD(FedcmdStrategy):
         # Clients skip events they already hold, so this costs bytes, never correctness.
         self.acked.pop(partition_id, None)
 
-    def aggregate(self, server_round: int, updates: list[tuple[int, Any]]) -> None:
-        counts = [n for _, (n, _) in updates]
+    def aggregate(self, server_round: int, replies: list[Reply]) -> None:
+        counts = [r.examples for r in replies]
         theta = self.weights.copy()
-        theta[self.free_index] = weighted_mean([u[0] for _, (_, u) in updates], counts)
+        theta[self.free_index] = weighted_mean([r.update.weights for r in replies], counts)
         if self.version and not self.references_held:
-            theta[self.reference_index] = weighted_mean([u[1] for _, (_, u) in updates], counts)
+            theta[self.reference_index] = weighted_mean([r.update.references for r in replies], counts)
             rebuild_embedded(theta, self.embedded_index, self.emb_a, self.emb_b, self.emb_mode, self.reference_index)
         if self.buffers.size:
-            self.buffers = weighted_mean([u[2] for _, (_, u) in updates], counts)
+            self.buffers = weighted_mean([r.update.buffers for r in replies], counts)
         before, self.weights = self.weights, theta
         self._advance_cmd(server_round)
         # The broadcast covers the weights the next messages send densely (after this round's event).

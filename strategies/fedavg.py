@@ -8,15 +8,25 @@ global model receives the round's encoded change of the weights (`FedcmdStrategy
 
 from __future__ import annotations
 
-from typing import Any
+from typing import NamedTuple
 
 import numpy as np
 from flwr.app import RecordDict
 
-from strategies.base import FedcmdStrategy, vector_record, weighted_mean
+from fedcmd.wire import vector_record
+from strategies.base import FedcmdStrategy, Reply, weighted_mean
+
+
+class DenseUpdate(NamedTuple):
+    """A client's trained model: all N weights and the float buffers."""
+
+    weights: np.ndarray
+    buffers: np.ndarray
 
 
 class FedAvg(FedcmdStrategy):
+    """The sample-weighted mean of the sampled clients' trained models (module docstring)."""
+
     name = "fedavg"
 
     def train_content(self, server_round: int, partition_id: int) -> RecordDict:
@@ -29,16 +39,16 @@ class FedAvg(FedcmdStrategy):
             content["sync"] = head
         return content
 
-    def parse_reply(self, server_round: int, partition_id: int, content: RecordDict) -> Any:
-        return self.read_values(content, "weights", self.weights), self.read_buffer_values(content)
+    def parse_reply(self, server_round: int, partition_id: int, content: RecordDict) -> DenseUpdate:
+        return DenseUpdate(self.read_values(content, "weights", self.weights), self.read_buffer_values(content))
 
-    def update_pairs(self, update: Any) -> list[tuple[np.ndarray, np.ndarray]]:
-        return [(update[0], self.weights), (update[1], self.buffers)]
+    def update_pairs(self, update: DenseUpdate) -> list[tuple[np.ndarray, np.ndarray]]:
+        return [(update.weights, self.weights), (update.buffers, self.buffers)]
 
-    def aggregate(self, server_round: int, updates: list[tuple[int, Any]]) -> None:
-        counts = [n for _, (n, _) in updates]
+    def aggregate(self, server_round: int, replies: list[Reply]) -> None:
+        counts = [r.examples for r in replies]
         before = self.weights
-        self.weights = weighted_mean([u[0] for _, (_, u) in updates], counts)
+        self.weights = weighted_mean([r.update.weights for r in replies], counts)
         if self.buffers.size:
-            self.buffers = weighted_mean([u[1] for _, (_, u) in updates], counts)
+            self.buffers = weighted_mean([r.update.buffers for r in replies], counts)
         self.publish(server_round, before, {"weights": slice(None)})

@@ -18,7 +18,8 @@ from clients.apf import SyncedModel, SyncError
 from fedcmd.client_app import app as client_app
 from fedcmd.engine import LocalGrid, run_inprocess
 from fedcmd.sampling import sample_cohort
-from strategies.base import vector_record
+from fedcmd.protocols.apf import pack_mask
+from fedcmd.wire import vector_record
 
 N = 61706  # LeNet-5 on 1x28x28
 
@@ -190,7 +191,7 @@ def test_client_refuses_messages_that_do_not_fit_its_state():
         held.apply(message("full", np.ones(n, np.float32), **{"mask-version": 3}))
     # A derived catch-up writes the held mask's positions; a new mask replaces the held one.
     update = message("derived", np.ones(10, np.float32), **{"base-mask-version": 2, "mask-version": 3})
-    update["masks"] = ArrayRecord({"active": strategies.apf.pack_mask(np.arange(n) < 5)})
+    update["masks"] = ArrayRecord({"active": pack_mask(np.arange(n) < 5)})
     held.apply(update)
     assert held.weights.tolist() == [float(i % 2 == 0) for i in range(n)]
     assert held.active.tolist() == [i < 5 for i in range(n)]

@@ -11,7 +11,7 @@ from flwr.app import MetricRecord
 import clients.fedavg as fedavg_client
 from fedcmd.client_app import app as client_app
 from fedcmd.engine import LocalGrid, run_inprocess
-from strategies.base import vector_record
+from fedcmd.wire import vector_record
 
 
 def read_csv(path):

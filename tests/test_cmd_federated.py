@@ -9,7 +9,7 @@ import clients.cmd as cmd_client
 from clients.cmd import CoefficientStore, StoreVersionError
 from fedcmd.client_app import app as client_app
 from fedcmd.engine import LocalGrid, run_inprocess
-from strategies.cmd import EmbeddingEvent, decode_events, encode_events
+from fedcmd.protocols.cmd import EmbeddingEvent, decode_events, encode_events
 
 
 @pytest.fixture

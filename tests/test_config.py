@@ -57,9 +57,14 @@ def test_flower_app_config_lists_every_key_with_its_default():
     import tomllib
     from pathlib import Path
 
-    app_config = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    from fedcmd.config import pyproject_table
+
+    text = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    app_config = tomllib.loads(text)["tool"]["flwr"]["app"]["config"]
     assert app_config.pop("out-dir") == ""
     assert resolve(app_config) == DEFAULTS and set(app_config) == set(DEFAULTS)
+    # Written from the declarations: a new algorithm's keys reach it with one command.
+    assert pyproject_table() in text, "pyproject.toml's run config is stale: run python -m fedcmd.config --pyproject"
 
 
 @pytest.mark.parametrize("key", ["lr", "round-timeout", "momentum", "max-update-norm"])

@@ -38,9 +38,9 @@ class BatchSpy:
         self.batches = {}
         original = common.run_steps
 
-        def run_steps(model, x, y, batches, optimiser, step_hook=None):
+        def run_steps(model, x, y, batches, optimiser, step_hook=None, penalty=None):
             batches = list(batches)
-            result = original(model, x, y, batches, optimiser, step_hook)
+            result = original(model, x, y, batches, optimiser, step_hook, penalty)
             self.last = [b.clone() for b in batches]
             return result
 

@@ -47,7 +47,7 @@ import fedcmd.task
 from benchtools import PhaseTimers, command_line, default_out, machine, mb, wrap_cmd_strategy, write_outputs
 from fedcmd.config import resolve
 from fedcmd.flat import ParamLayout
-from strategies.base import vector_record
+from fedcmd.wire import vector_record
 from strategies.cmd import CMD
 
 N_TENSORS = 8

@@ -4,7 +4,9 @@
     python experiments/table3/run.py --variant cifar10 --engine ray # CIFAR-10 / ResNet-18 (data + GPU)
     python experiments/table3/run.py --methods fedavg apf --seeds 0 --set num-server-rounds=5 --out /tmp/t3
 
-Each run's config is `<variant>/base.toml` overlaid with `<variant>/<method>.toml`, the seed and any
+A variant is a folder of configs: `base.toml` and one `<method>.toml` per method (its strategy and
+keys); its methods are those files, FedAvg (the baseline) first. Each run's config is
+`<variant>/base.toml` overlaid with `<variant>/<method>.toml`, the seed and any
 `--set key=value`; it runs in its own process (`fedcmd run`) into `<out>/<method>-seed<k>/`, and a run
 whose summary.json exists is skipped (so an interrupted table resumes; `--force` reruns). Table and
 plots go to `<out>/comparison.md` and `<out>/*.png`.
@@ -23,7 +25,13 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-METHODS = ("fedavg", "cmd", "apf", "a-apf")
+BASELINE = "fedavg"
+
+
+def variant_methods(variant: str) -> list[str]:
+    """The methods of a variant: its `<method>.toml` files, the baseline first, then by name."""
+    names = sorted(p.stem for p in (HERE / variant).glob("*.toml") if p.stem != "base")
+    return sorted(names, key=lambda name: name != BASELINE)
 
 
 def merged_config(variant: str, method: str, seed: int) -> dict:
@@ -60,7 +68,7 @@ def run_one(args: argparse.Namespace, name: str, path: Path, run_dir: Path) -> i
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--variant", default="fmnist", choices=sorted(p.name for p in HERE.iterdir() if p.is_dir()))
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", help="methods of the variant to run (default: all of its <method>.toml)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--engine", choices=("inprocess", "ray"), default="inprocess",
                         help="inprocess (default): same strategy and client code, no Ray; ray: Flower's simulation")
@@ -74,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true",
                         help="one line per run (its progress goes to <run>/run.log), then the table")
     args = parser.parse_args(argv)
+    available = variant_methods(args.variant)
+    args.methods = args.methods or available
+    unknown = [m for m in args.methods if m not in available]
+    if unknown:
+        parser.error(f"variant {args.variant} has no method {unknown[0]!r} (its methods: {', '.join(available)})")
 
     default_out = {"fmnist": "table3", "apf-regime": "apf-regime"}.get(args.variant, f"table3-{args.variant}")
     out = Path(args.out) if args.out else REPO / "experiments" / "results" / default_out
@@ -109,16 +122,16 @@ def main(argv: list[str] | None = None) -> int:
     from fedcmd.compare import compare
 
     runs = [out / name for name, _ in plan]
-    if args.tag or "fedavg" not in args.methods:  # compare with the baseline runs already in `out`
-        runs += [out / f"fedavg-seed{seed}" for seed in args.seeds if (out / f"fedavg-seed{seed}").is_dir()]
-    if not any(run.name.startswith("fedavg-seed") for run in runs):
+    if args.tag or BASELINE not in args.methods:  # compare with the baseline runs already in `out`
+        runs += [out / f"{BASELINE}-seed{seed}" for seed in args.seeds if (out / f"{BASELINE}-seed{seed}").is_dir()]
+    if not any(run.name.startswith(f"{BASELINE}-seed") for run in runs):
         print("[table3] not compared yet: no fedavg baseline run in this folder", flush=True)
         return 0
     pending = [run.name for run in runs if not (run / "summary.json").is_file()]
     if pending:  # taken by another runner: the table waits for them
         print(f"[table3] not compared yet: {', '.join(pending)} still under way", flush=True)
         return 0
-    print(compare(runs, baseline="fedavg", out=out))
+    print(compare(runs, baseline=BASELINE, out=out))
     print(f"[table3] table: {out / 'comparison.md'}; plots: {out}/*.png", flush=True)
     return 0
 
