@@ -1,7 +1,10 @@
 """The fedcmd ServerApp for `flwr run .` and deployments: the run config is the experiment config.
 
 Keys come from `[tool.flwr.app.config]` and `--run-config`; `out-dir` (not an experiment key)
-says where outputs go (default runs/flwr/<strategy>-seed<k>).
+says where outputs go. By default each run has a folder of its own, named by Flower's run id
+(the one `flwr run` prints): runs/flwr/<strategy>-seed<k>-run<run id>, so a second `flwr run .`
+of the same config never meets the first one's outputs (fedcmd refuses to write a new run over a
+finished one).
 """
 
 from __future__ import annotations
@@ -20,4 +23,4 @@ def main(grid: Grid, context: Context) -> None:
     values = dict(context.run_config)
     out_dir = values.pop("out-dir", None)
     config = resolve(values)
-    run_server_app(grid, config, out_dir or f"runs/flwr/{config['strategy']}-seed{config['seed']}")
+    run_server_app(grid, config, out_dir or f"runs/flwr/{config['strategy']}-seed{config['seed']}-run{context.run_id}")

@@ -1,12 +1,13 @@
 """`flwr run .` end to end, as the README tells a user to run it, from a clean copy of the repository:
 Flower's default local simulation (2 SuperNodes), 2 rounds on synthetic data, outputs in the default
-folder under runs/; then `python -m fedcmd.local_superlink stop`, after which no process the run
+folder under runs/ (twice: each run gets a folder of its own); then `python -m fedcmd.local_superlink stop`, after which no process the run
 started is left. And `make flwr-run`'s command on a run that fails: exit status 1, nothing left
-running. Each on free ports with a Flower home of its own. About 45 s + 35 s."""
+running. Each on free ports with a Flower home of its own. About 70 s + 35 s."""
 
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -81,6 +82,8 @@ def test_flwr_run_from_a_clean_copy_writes_the_outputs_and_leaves_nothing_runnin
                FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
     try:
         run = run_command(["flwr", "run", ".", "--stream", "--run-config", RUN_CONFIG], repo, env)
+        # The same command again (a user repeating it): a folder of its own, not a refused overwrite.
+        again = run_command(["flwr", "run", ".", "--stream", "--run-config", RUN_CONFIG], repo, env)
         left_by_flwr = tagged_processes(tag)
         stop = run_command([sys.executable, "-m", "fedcmd.local_superlink", "stop"], repo, env)
         after_stop = tagged_processes(tag)
@@ -90,7 +93,11 @@ def test_flwr_run_from_a_clean_copy_writes_the_outputs_and_leaves_nothing_runnin
     log = run.stdout + run.stderr
     assert "Successfully started run" in log, log
     assert "Installing application dependencies" not in log
-    out = repo / "runs" / "flwr" / "fedavg-seed0"  # the ServerApp's default out-dir
+    run_ids = [re.search(r"Successfully started run (\d+)", r.stdout + r.stderr) for r in (run, again)]
+    assert all(run_ids), again.stdout + again.stderr
+    outs = [repo / "runs" / "flwr" / f"fedavg-seed0-run{m[1]}" for m in run_ids]  # the ServerApp's default out-dir
+    assert outs[0] != outs[1] and (outs[1] / "summary.json").is_file(), again.stdout[-3000:] + again.stderr[-3000:]
+    out = outs[0]
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["rounds"], summary["num_clients"], summary["dataset"], summary["model"]) == (2, 2, "synthetic", "mlp")
     assert summary["replies_rejected"] == 0 and summary["volume_ratio"] == 1.0
