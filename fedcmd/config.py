@@ -24,9 +24,9 @@ from typing import Any
 from fedcmd import algorithms
 from fedcmd.algorithms import Key, fraction, non_negative, one_of, positive
 from fedcmd.codecs import CODECS
+from fedcmd.data import PARTITION_SCHEMES as PARTITION_NAMES
 
 STRATEGY_NAMES = tuple(algorithms.declared())
-PARTITION_NAMES = ("iid", "dirichlet", "pathological")
 OPTIMIZER_NAMES = ("sgd", "adam")  # fedcmd.training.make_optimizer
 OPTIMIZER_STATES = ("reset", "keep")
 

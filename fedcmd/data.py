@@ -405,13 +405,3 @@ def write_partition_report(rows: Sequence[Mapping[str, int]], path: str | Path) 
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-
-
-def load_partition(
-    data: ImageData, parts: Sequence[np.ndarray], partition_id: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training images and labels of one partition."""
-    if not 0 <= partition_id < len(parts):
-        raise ValueError(f"partition_id must be in [0, {len(parts) - 1}], got {partition_id}")
-    index = torch.from_numpy(np.asarray(parts[partition_id], dtype=np.int64))
-    return data.train_x[index], data.train_y[index]

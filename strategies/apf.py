@@ -57,6 +57,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from flwr.app import ArrayRecord, RecordDict
 
+from fedcmd.accountant import fedavg_floats
 from fedcmd.apf import FreezingController
 from fedcmd.protocols.apf import CATCH_UP_KINDS, HEAD, MASKS, REPLY_METRICS, SyncHead, pack_mask
 from fedcmd.wire import ReplyError, vector_record
@@ -248,14 +249,14 @@ class APF(FedcmdStrategy):
                 **{f"sync_{k}": kinds[k] for k in CATCH_UP_KINDS}, "masks_sent": kinds["mask"]}
 
     def summary_extra(self) -> dict[str, Any]:
-        cohorts = sum(len(self.rounds[r].sampled) for r in self.rounds)
-        reference = 2.0 * self.weights.size * cohorts  # FedAvg's weight floats with the same cohorts
+        cohorts = [len(self.rounds[r].sampled) for r in sorted(self.rounds)]
+        reference = fedavg_floats(self.weights.size, cohorts)  # the paper counts weights only
         paper = float(sum(self.paper_floats.values()))
         measured = sum(f["measured_floats"] for f in self.round_figures.values())
         kinds = sum(self.catch_ups.values(), Counter())
         frozen = [f["frozen_fraction"] for f in self.round_figures.values()]
         return {"paper_floats": paper, "paper_volume_ratio": paper / reference if reference else float("nan"),
-                "measured_volume_ratio": measured / (reference + 2.0 * self.buffers.size * cohorts)
+                "measured_volume_ratio": measured / fedavg_floats(self.weights.size + self.buffers.size, cohorts)
                 if reference else float("nan"),
                 "mask_bytes": float(sum(f["mask_bytes"] for f in self.round_figures.values())),
                 "frozen_fraction_mean": float(np.mean(frozen)) if frozen else 0.0,

@@ -45,6 +45,7 @@ import numpy as np
 from flwr.app import RecordDict
 
 from fedcmd import task
+from fedcmd.accountant import fedavg_floats
 from fedcmd.cmd import EmbeddingSchedule, OnlineCMD  # noqa: F401
 from fedcmd.protocols.cmd import REPLY_METRICS, EmbeddingEvent, encode_events, mode_dtype, rebuild_embedded
 from fedcmd.wire import ReplyError, read_vector, vector_record
@@ -206,8 +207,8 @@ class CMD(FedcmdStrategy):
 
     def summary_extra(self) -> dict[str, Any]:
         paper = float(sum(self.paper_floats.values()))
-        cohorts = [len(self.rounds[r].sampled) for r in sorted(self.rounds)]
-        reference = 2.0 * self.weights.size * sum(cohorts)
+        # Eq. 16 counts weights only, so its reference is FedAvg's weights (no buffers).
+        reference = fedavg_floats(self.weights.size, [len(self.rounds[r].sampled) for r in sorted(self.rounds)])
         return {"paper_floats": paper, "paper_volume_ratio": paper / reference if reference else float("nan"),
                 "embedded_fraction": float(self.embedded.mean()), "embedding_events": self.version,
                 "cmd_modes": self.n_modes, "cmd_warmup": self.config["cmd-warmup"],

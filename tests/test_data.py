@@ -293,12 +293,3 @@ def test_partition_report_and_csv(tmp_path, labels):
         read = list(csv.DictReader(f))
     assert list(read[0]) == ["partition", "num_samples"] + [f"label_{k}" for k in range(10)]
     assert [int(r["num_samples"]) for r in read] == [len(p) for p in parts]
-
-
-def test_load_partition():
-    data = D.load_dataset("synthetic", synthetic={"num_train": 40, "num_test": 10})
-    parts = D.partition_indices(data.train_y, 4, "iid", seed=0)
-    x, y = D.load_partition(data, parts, 2)
-    assert torch.equal(x, data.train_x[parts[2]]) and torch.equal(y, data.train_y[parts[2]])
-    with pytest.raises(ValueError):
-        D.load_partition(data, parts, 4)
