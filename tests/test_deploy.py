@@ -16,6 +16,8 @@ from fedcmd.config import resolve
 from fedcmd.deploy import Deployment, DeploymentError, live_group_members, make_credentials, make_node_key
 from fedcmd.engine import run_inprocess
 
+pytestmark = pytest.mark.slow  # real Ray / deployment / flwr run: `make test-fast` leaves it out
+
 NODES = 2
 START_SECONDS = 300  # under load (average 9 on 2 cores) a SuperLink took over 90 s to listen, a round 317 s
 

@@ -15,6 +15,9 @@ import uuid
 from pathlib import Path
 
 from fedcmd.deploy import free_port, stop_process_groups
+import pytest
+
+pytestmark = pytest.mark.slow  # real Ray / deployment / flwr run: `make test-fast` leaves it out
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_CONFIG = "num-server-rounds=2 num-clients=2 dataset='synthetic' model='mlp'"

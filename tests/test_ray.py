@@ -9,6 +9,8 @@ import pytest
 
 from fedcmd.engine import run_inprocess, run_ray
 
+pytestmark = pytest.mark.slow  # real Ray / deployment / flwr run: `make test-fast` leaves it out
+
 
 def test_cmd_on_ray_embeds_and_clients_keep_their_stores(small_config, tmp_path):
     config = dict(small_config, **{"strategy": "cmd", "num-server-rounds": 4, "cmd-warmup": 1,
