@@ -24,7 +24,7 @@ from flwr.app import Array, ArrayRecord, Context, MetricRecord, RecordDict
 from clients.common import SyncError, Uplink, hold_fixed, local_model, train_locally
 from fedcmd import task
 from fedcmd.codecs import Codec
-from fedcmd.protocols.apf import SyncHead, unpack_mask
+from fedcmd.protocols.apf import ACTIVE, CHANGED, SyncHead, unpack_mask
 from fedcmd.wire import make_codec, read_buffers, read_encoded, read_vector
 
 STATE_KEY = "apf-sync"
@@ -74,14 +74,14 @@ class SyncedModel:
                                 f"but this client holds version {self.mask_version}")
             return np.flatnonzero(self.active)
         if kind == "explicit":
-            changed = unpack_mask(content, "changed", self.n_params)
+            changed = unpack_mask(content, CHANGED, self.n_params)
             if changed is None:
                 raise SyncError("'explicit' catch-up without a 'changed' mask")
             return np.flatnonzero(changed)
         raise SyncError(f"unknown catch-up kind {kind!r}")
 
     def _next_mask(self, content: RecordDict, mask_version: int) -> np.ndarray:
-        active = unpack_mask(content, "active", self.n_params)
+        active = unpack_mask(content, ACTIVE, self.n_params)
         if active is not None:
             return active
         if mask_version == 0:

@@ -59,7 +59,7 @@ from flwr.app import ArrayRecord, RecordDict
 
 from fedcmd.accountant import fedavg_floats
 from fedcmd.apf import FreezingController
-from fedcmd.protocols.apf import CATCH_UP_KINDS, HEAD, MASKS, REPLY_METRICS, SyncHead, pack_mask
+from fedcmd.protocols.apf import ACTIVE, CATCH_UP_KINDS, CHANGED, HEAD, MASKS, REPLY_METRICS, SyncHead, pack_mask
 from fedcmd.wire import ReplyError, vector_record
 from strategies.base import FedcmdStrategy, Reply, read_int, weighted_mean
 
@@ -173,9 +173,9 @@ class APF(FedcmdStrategy):
         if kind == "explicit":
             changed = np.zeros(self.weights.size, dtype=bool)
             changed[index] = True
-            masks["changed"] = pack_mask(changed)
+            masks[CHANGED] = pack_mask(changed)
         if self._client_may_lack_mask(partition_id):
-            masks["active"] = pack_mask(self.mask.active)
+            masks[ACTIVE] = pack_mask(self.mask.active)
             self.catch_ups[server_round]["mask"] += 1
         if masks:
             content[MASKS] = ArrayRecord(masks)

@@ -33,7 +33,9 @@ ALGORITHMS = (
 )
 
 HEAD = "apf"      # the train message's SyncHead
-MASKS = "masks"   # "changed", "active": packed bit masks over the N weights
+MASKS = "masks"       # packed bit masks over the N weights, under these names:
+CHANGED = "changed"   # the positions an `explicit` catch-up writes
+ACTIVE = "active"     # the active mask in force (sent when the client may lack it)
 CATCH_UP_KINDS = ("delta", "derived", "explicit", "full")  # the server's preference order on equal cost
 REPLY_METRICS = ("model-version", "mask-version")
 
