@@ -184,8 +184,9 @@ def target_rows(groups: dict[str, list[Run]], baseline: str, target: float) -> l
     for method, runs in groups.items():
         hits = {r.seed: r.to_target(target) for r in runs}
         reached = [h for h in hits.values() if h is not None]
+        # A baseline that met the target before sending anything (round 0) gives no ratio.
         ratios = [100.0 * h[1] / base[seed][1] for seed, h in hits.items()
-                  if h is not None and base.get(seed) is not None]
+                  if h is not None and base.get(seed) is not None and base[seed][1] > 0]
         rows.append({"method": method, "reached": len(reached), "seeds": len(runs),
                      "round": [h[0] for h in reached], "mb": [h[1] / 1e6 for h in reached],
                      "mfloats": [h[2] / 1e6 for h in reached], "bytes_pct": ratios})

@@ -113,3 +113,11 @@ def test_traffic_to_target_accuracy(runs, capsys):
     assert main(["compare", str(runs), "--target", "95"]) == 0
     out = capsys.readouterr().out
     assert "| apf | 0 of 2 | not reached |" in out and "first reach 95.00% test accuracy:" in out
+
+
+def test_a_target_met_before_any_traffic_gives_no_ratio_rather_than_a_division_by_zero(runs):
+    # Every run starts at 10%: a 5% target is met in round 0, with 0 bytes sent by anyone.
+    text = compare([runs], target=0.05)
+    rows = {line.split(" | ")[0].strip("| "): [c.strip() for c in line.strip("|").split("|")]
+            for line in text.split("Traffic to first reach")[1].splitlines() if line.startswith("| ")}
+    assert rows["fedavg"][1:5] == ["2 of 2", "0 ± 0", "0.0 ± 0.0", "–"]

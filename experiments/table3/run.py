@@ -72,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--engine", choices=("inprocess", "ray"), default="inprocess",
                         help="inprocess (default): same strategy and client code, no Ray; ray: Flower's simulation")
-    parser.add_argument("--out", help="results folder (default experiments/results/table3, "
-                                      "or experiments/results/table3-<variant> for other variants)")
+    parser.add_argument("--out", help="results folder (default experiments/results/table3 for fmnist, "
+                                      "experiments/results/apf-regime for apf-regime, "
+                                      "experiments/results/table3-<variant> for the others)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key in every run (repeatable)")
     parser.add_argument("--tag", default="", help="run folders are <method>-<tag>-seed<k> (e.g. a codec's name, "
