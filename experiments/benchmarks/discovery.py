@@ -6,20 +6,28 @@ one reply up per node, each round-tripped through Flower's serialisation by fedc
 volume accountant. The server side was quadratic (each reply looked up its query in a list: 12 s for
 6,000 clients, 150 s for 20,000); it must now be linear, and 20,000 clients under 2 s.
 
-Where the time goes (cProfile of `time_discovery(20000)`, and per-call timings): nearly all of it is
-Flower building and serialising small objects. Per node, the grid round-trips the query and the
-reply through `message_to_proto`/`message_from_proto` (~25 + ~55 us), the ClientApp builds its
-reply (MetricRecord, RecordDict, Message: ~30 us), and the accountant deflates both messages'
-object trees to book their true wire size (Flower's header + body per object; an object's id is
-the hash of its deflated bytes, so a parent cannot be deflated before its children are). The
-accountant used to deflate every object twice (once for its id, once for its size) and each
-ArrayRecord twice more on its own; it now deflates the root message once and shares one id
-context with the records (`fedcmd.accountant.tree_bytes`), the same bytes (tests/test_accountant.py):
-~-35% on the server side. The grid cannot reuse its serialisation for the accountant: it is the
-protobuf message, not the deflated objects the accountant counts, and round-tripping through
-deflate/inflate instead costs more than both together (measured: ~150 + ~220 us per query + reply).
-So 2 s (100 us per node) is out of reach on this 2-core machine without counting fewer bytes
-than are sent or calling less of Flower than a real exchange does; see results/discovery.md.
+That target is below Flower's own floor in one process. Per node, the grid round-trips the query
+and the reply through `message_to_proto`/`message_from_proto` (~25 + ~55 us) and the ClientApp
+builds its reply (MetricRecord, RecordDict, Message: ~30 us): the Flower floor below, the same
+queries created and carried to the same ClientApp and back with no server code at all, takes
+2.7-3.4 s for 20,000 clients on this loaded 2-core machine (results/discovery.md). No server
+can bring discovery under the floor; what fedcmd controls is the server part (total minus the
+grid), and that part was cut by half:
+
+- creating the queries: Flower's Message constructor, ~7 us each (`fedcmd.server.discovery_queries`,
+  shared with the floor);
+- reading and checking each claim and registering the node: ~5 us;
+- booking both messages' exact wire size. Flower's deflate of a message hashes every object in it
+  (an object's id is the hash of its deflated bytes and a parent's bytes hold its children's
+  ids): the accountant deflated each message's tree, ~30 + ~45 us per query and reply. It now
+  sizes what holds no arrays without a hash (`fedcmd.accountant.message_bytes`: a parent's size
+  depends only on how many distinct children it has, every id being 64 characters; records are
+  deduped by their deflated bytes), ~8 + ~15 us, the same bytes as Flower's own
+  (tests/test_accountant.py, over random metadata, errors, every record value type, equal
+  records, repeated chunks). Below array records, objects are still counted by id.
+
+Run in turn under the same load, 20,000 clients: server part 2.38-2.62 s before, 1.13-1.44 s after
+(results/discovery.md's note). The rest is Flower building and serialising small objects.
 
 Measured for each N: wall time of `discover_nodes` (best of `--repeats`, each with a fresh strategy
 and grid), split into the grid's time (`get_node_ids`, and `send_and_receive`: transport and the
