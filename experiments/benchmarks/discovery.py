@@ -10,7 +10,7 @@ That target is below Flower's own floor in one process. Per node, the grid round
 and the reply through `message_to_proto`/`message_from_proto` (~25 + ~55 us) and the ClientApp
 builds its reply (MetricRecord, RecordDict, Message: ~30 us): the Flower floor below, the same
 queries created and carried to the same ClientApp and back with no server code at all, takes
-2.7-3.4 s for 20,000 clients on this loaded 2-core machine (results/discovery.md). No server
+2.7-5.1 s for 20,000 clients on this loaded 2-core machine (results/discovery.md). No server
 can bring discovery under the floor; what fedcmd controls is the server part (total minus the
 grid), and that part was cut by half:
 
@@ -26,8 +26,10 @@ grid), and that part was cut by half:
   (tests/test_accountant.py, over random metadata, errors, every record value type, equal
   records, repeated chunks). Below array records, objects are still counted by id.
 
-Run in turn under the same load, 20,000 clients: server part 2.38-2.62 s before, 1.13-1.44 s after
-(results/discovery.md's note). The rest is Flower building and serialising small objects.
+Run in turn under the same load, 20,000 clients: server part 2.4-4.0 s before, 1.1-1.5 s after (load
+average 6-11; results/discovery.md's note); in the recorded run, at load 12, 1.9-2.3 s. The rest is
+Flower building and serialising small objects: Message construction, `metadata_to_proto` and the
+reply's MetricRecord deflate are most of what the server part still spends.
 
 Measured for each N: wall time of `discover_nodes` (best of `--repeats`, each with a fresh strategy
 and grid), split into the grid's time (`get_node_ids`, and `send_and_receive`: transport and the
@@ -104,10 +106,6 @@ def time_floor(num_clients: int) -> float:
     return seconds
 
 
-def best(runs: list[dict[str, float]], key: str) -> dict[str, float]:
-    return min(runs, key=lambda r: r[key])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[1000, 5000, 10000, 20000])
@@ -121,7 +119,7 @@ def main() -> None:
         for _ in range(args.repeats):  # in turn, so that both see the same load
             runs.append(time_discovery(n))
             floors.append(time_floor(n))
-        row = {"clients": n, **best(runs, "seconds"), "floor_seconds": min(floors)}
+        row = {"clients": n, **min(runs, key=lambda r: r["seconds"]), "floor_seconds": min(floors)}
         row.update(server_share=row["server_seconds"] / row["seconds"], over_floor_seconds=row["seconds"] - min(floors),
                    us_per_node=1e6 * row["seconds"] / n, server_us_per_node=1e6 * row["server_seconds"] / n,
                    all_seconds=[r["seconds"] for r in runs], all_server_seconds=[r["server_seconds"] for r in runs],
