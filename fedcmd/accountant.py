@@ -20,12 +20,17 @@ their deflated sizes is the payload of the gRPC calls that carry the message.
 from __future__ import annotations
 
 import csv
+import json
 from collections import defaultdict
 from dataclasses import astuple, dataclass, fields
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 from flwr.app import ArrayRecord, Message
+from flwr.common.serde_utils import error_to_proto, metadata_to_proto
+from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=no-name-in-module
+from flwr.supercore.constant import HEAD_BODY_DIVIDER, HEAD_VALUE_DIVIDER
 from flwr.supercore.inflatable.inflatable_object import no_object_id_recompute
 
 from fedcmd.codecs import describe
@@ -50,42 +55,92 @@ class VolumeRow:
 
 def wire_size(obj) -> int:
     """Bytes of an inflatable object (Message, record, Array) as Flower serialises it."""
+    if isinstance(obj, Message):
+        return message_bytes(obj)[0]
     # Without the context every parent's deflate recomputes its children's ids (hashing their
-    # bodies again): measured 3x slower on a discovery reply, 4.5x on a LeNet-5 model message.
+    # bodies again): measured 4.5x slower on a LeNet-5 model message.
     with no_object_id_recompute():
-        return tree_bytes(obj, {})
+        return len(obj.deflate()) + sum(objects_below(obj, {}).values())
 
 
-def tree_bytes(obj, sizes: dict[str, int], object_id: str | None = None) -> int:
-    """Serialised bytes of `obj` and everything below it, each distinct object (by object id)
-    counted once, as Flower sends it; to be called inside `no_object_id_recompute()`.
+ID_CHARS = 64  # an object id is a sha256 hex digest
 
-    The sum is the one of `get_all_nested_objects(obj)`'s deflated sizes, computed with fewer
-    deflates: that function deflates every object once for its id and the sum deflates it again.
-    Here the root is deflated once (nothing needs its id; deflating it computes its children's
-    ids), and `sizes` (object id -> deflated bytes) remembers every object measured in the same
-    context, so a record measured after the message holding it costs no deflate at all. An id is
-    the hash of the object's deflated bytes: one id, one size. `object_id` is `obj`'s id where the
-    caller knows it (a child's is, once its parent has been deflated).
+
+def deflated_length(obj, body_bytes: int, children: int) -> int:
+    """`len(obj.deflate())` for an object whose body is `body_bytes` long and which has `children`
+    distinct children, without their ids: Flower's header is "<class> <comma-joined child ids>
+    <body length>" (`add_header_to_object_body`), and every id is `ID_CHARS` long."""
+    ids = children * (ID_CHARS + 1) - 1 if children else 0
+    return (len(type(obj).__qualname__) + 2 * len(HEAD_VALUE_DIVIDER) + ids + len(str(body_bytes))
+            + len(HEAD_BODY_DIVIDER) + body_bytes)
+
+
+@lru_cache(maxsize=256)
+def _record_dict_body(names: tuple[str, ...]) -> int:
+    """Length of a RecordDict's body, `json.dumps({name: child id})`: it depends on the names only."""
+    return len(json.dumps(dict.fromkeys(names, "0" * ID_CHARS)))
+
+
+def message_bytes(message: Message) -> tuple[int, dict[str, int]]:
+    """(serialised bytes of `message`, those of each array record's tree by key), each distinct
+    object counted once, as Flower sends it.
+
+    The sum is the one of `get_all_nested_objects(message)`'s deflated sizes, computed without
+    hashing what has no arrays: Flower identifies an object by the hash of its deflated bytes,
+    and a parent's bytes hold its children's ids, so deflating a message hashes every record in
+    it. But a parent's size depends only on how many distinct children it has (each id is 64
+    characters), and two records are one object exactly when their deflated bytes are equal.
+    So the message and its RecordDict are measured from their bodies (the Message's: its
+    metadata, message id blanked, and error; the RecordDict's: its names and one id each), and
+    every record is deflated once, with no id; below an array record (Arrays, ArrayChunks, which
+    may repeat, also across records) objects are counted by id, the ids its deflate computed.
     """
-    if object_id is not None and object_id in sizes:
-        total = sizes[object_id]
-    else:
-        total = len(obj.deflate())
-        if object_id is not None:
-            sizes[object_id] = total
-    seen: set[str] = set()
-    below = list((obj.children or {}).items())  # an explicit stack: deep Array chunk trees, no recursion
-    while below:
-        child_id, child = below.pop()
-        if child_id in seen:
+    metadata = metadata_to_proto(message.metadata)
+    metadata.message_id = ""  # not part of the object (`Message.deflate`)
+    error = error_to_proto(message.error) if message.has_error() else None
+    body = ProtoMessage(metadata=metadata, error=error).ByteSize()
+    if not message.has_content():
+        return deflated_length(message, body, 0), {}
+    content = message.content
+    records: dict[bytes, int] = {}  # distinct records by deflated bytes: equal bytes, one object
+    with_arrays = []
+    for key, record in content.items():
+        if isinstance(record, ArrayRecord):
+            with_arrays.append((key, record))
+        else:  # no children, no ids
+            deflated = record.deflate()
+            records[deflated] = len(deflated)
+    below: dict[str, int] = {}  # distinct objects below the array records, by id
+    arrays: dict[str, int] = {}
+    if with_arrays:
+        sizes: dict[str, int] = {}  # spares deflating an Array that two records hold twice
+        with no_object_id_recompute():  # each id computed once (see `wire_size`)
+            for key, record in with_arrays:
+                deflated = record.deflate()
+                records[deflated] = len(deflated)
+                tree = objects_below(record, sizes)
+                arrays[key] = len(deflated) + sum(tree.values())
+                below.update(tree)
+    record_dict = deflated_length(content, _record_dict_body(tuple(content)), len(records))
+    total = deflated_length(message, body, 1) + record_dict + sum(records.values()) + sum(below.values())
+    return total, arrays
+
+
+def objects_below(obj, sizes: dict[str, int]) -> dict[str, int]:
+    """Object id -> deflated bytes of each distinct object below `obj`, whose ids are known (it
+    was deflated in this `no_object_id_recompute()` context); `sizes` remembers them by id (an
+    id is the hash of the object's deflated bytes: one id, one size)."""
+    out: dict[str, int] = {}
+    stack = list((obj.children or {}).items())  # an explicit stack: deep Array chunk trees, no recursion
+    while stack:
+        child_id, child = stack.pop()
+        if child_id in out:
             continue
-        seen.add(child_id)
         if child_id not in sizes:
             sizes[child_id] = len(child.deflate())
-        total += sizes[child_id]
-        below.extend((child.children or {}).items())
-    return total
+        out[child_id] = sizes[child_id]
+        stack.extend((child.children or {}).items())
+    return out
 
 
 def _size(array) -> tuple[int, int]:
@@ -125,16 +180,10 @@ class VolumeAccountant:
 
     def record_message(self, server_round: int, client: int, direction: str, message: Message) -> int:
         """Count one message; returns its serialised size in bytes."""
-        # One context for the message and its records: ids computed for the message serve the
-        # records, and `deflated` spares deflating any object twice (see `tree_bytes`).
-        deflated: dict[str, int] = {}
-        with no_object_id_recompute():
-            total = tree_bytes(message, deflated)
-            records = [(key, record, tree_bytes(record, deflated, record.object_id))
-                       for key, record in (message.content.items() if message.has_content() else ())
-                       if isinstance(record, ArrayRecord)]
+        total, array_bytes = message_bytes(message)
         counted = 0
-        for key, record, size in records:
+        for key, size in array_bytes.items():
+            record = message.content[key]
             category = key
             if key not in CATEGORIES or key == "unread":
                 if direction == "down":

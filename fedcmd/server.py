@@ -14,7 +14,7 @@ import math
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -64,8 +64,7 @@ def discover_nodes(grid: Grid, strategy: FedcmdStrategy, server_round: int, time
     unknown = sorted(present - strategy.partition_of.keys())
     if not unknown:
         return
-    queries = [Message(RecordDict(), dst_node_id=node, message_type="query", group_id=f"discover-{server_round}")
-               for node in unknown]
+    queries = discovery_queries(unknown, server_round)
     replies = grid.send_and_receive(queries, timeout=timeout)
     asked = {q.metadata.message_id: q for q in queries}  # ids exist once the grid has sent them
     for reply in replies:
@@ -91,6 +90,12 @@ def discover_nodes(grid: Grid, strategy: FedcmdStrategy, server_round: int, time
         # Discovery is traffic too: the query down and the reply up, both metadata.
         strategy.accountant.record_message(server_round, pid, "down", query)
         strategy.accountant.record_message(server_round, pid, "up", reply)
+
+
+def discovery_queries(nodes: Iterable[int], server_round: int) -> list[Message]:
+    """The query asking each of `nodes` which partition it holds (answered by `fedcmd.client_app.query`)."""
+    group = f"discover-{server_round}"
+    return [Message(RecordDict(), dst_node_id=node, message_type="query", group_id=group) for node in nodes]
 
 
 def last_accuracy(metrics: list[dict[str, Any]]) -> float:

@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedcmd.accountant import VolumeAccountant, fedavg_floats, wire_size
@@ -97,10 +97,10 @@ def booked(message: Message) -> dict[str, int]:
 def discovery_exchange():
     from fedcmd.client_app import app as client_app
     from fedcmd.engine import LocalGrid
+    from fedcmd.server import discovery_queries
 
     grid = LocalGrid(client_app, 3)
-    queries = [Message(RecordDict(), dst_node_id=node, message_type="query", group_id="discover-1")
-               for node in grid.get_node_ids()]
+    queries = discovery_queries(grid.get_node_ids(), 1)
     return queries, list(grid.send_and_receive(queries))
 
 
@@ -123,3 +123,155 @@ def test_model_message_bytes_are_flowers_serialisation():
     for msg in (message(1000, n_coeff=10), twice, error):
         assert booked(msg) == flower_rows(msg)
     assert booked(error) == {"metadata": flower_wire_bytes(error)}
+
+
+# --- sizes without hashing are Flower's bytes, over many message shapes ------------------------------
+# `message_bytes` measures the Message and its RecordDict from their bodies and dedupes records by
+# their bytes; every case below is checked against Flower deflating and hashing every object.
+
+# a uint64 of every varint length (1 to 10 bytes), for node, run and task ids
+VARINT_EDGES = [0, 1, 127, 128, 2**14 - 1, 2**14, 2**21, 2**28, 2**35, 2**42, 2**49, 2**56, 2**63 - 1, 2**64 - 1]
+# ASCII, characters JSON escapes, and non-ASCII of 2, 3 and 4 UTF-8 bytes (`json.dumps` writes \\uXXXX)
+CHARACTERS = list("abcXYZ09 -_.:/") + ['"', "\\", "\n", "\t", "\x00", "\x7f", "é", "ß", "漢", "😀"]
+
+
+def pick(rng, options):
+    return options[int(rng.integers(0, len(options)))]
+
+
+def text(rng, longest: int = 12) -> str:
+    return "".join(pick(rng, CHARACTERS) for _ in range(int(rng.integers(0, longest + 1))))
+
+
+def integer(rng, *, unsigned_max: bool = True) -> int:
+    value = pick(rng, VARINT_EDGES if unsigned_max else VARINT_EDGES[:-1]) - int(rng.integers(0, 2))
+    value = max(value, 0)
+    return -value if value <= 2**63 and rng.random() < 0.3 else value
+
+
+def real(rng) -> float:
+    return pick(rng, [0.0, -0.0, 1.0, float("inf"), float("nan"), float(rng.normal() * 10.0 ** rng.integers(-30, 30))])
+
+
+def config_value(rng):
+    """One value of every type a ConfigRecord takes, or a list of them (empty lists too)."""
+    listed = rng.random() < 0.4  # a list's ints are all int64 or all uint64: no negatives beside 2**64 - 1
+    kinds = [lambda: integer(rng, unsigned_max=not listed), lambda: real(rng), lambda: text(rng),
+             lambda: rng.bytes(int(rng.integers(0, 40))), lambda: bool(rng.integers(0, 2))]
+    kind = pick(rng, kinds)
+    return [kind() for _ in range(int(rng.integers(0, 6)))] if listed else kind()
+
+
+def metric_value(rng):
+    listed = rng.random() < 0.4
+    kind = pick(rng, [lambda: integer(rng, unsigned_max=not listed), lambda: real(rng)])
+    return [kind() for _ in range(int(rng.integers(0, 6)))] if listed else kind()
+
+
+def leaf_record(rng):
+    if rng.random() < 0.5:
+        return ConfigRecord({text(rng): config_value(rng) for _ in range(int(rng.integers(0, 5)))})
+    return MetricRecord({text(rng): metric_value(rng) for _ in range(int(rng.integers(0, 5)))})
+
+
+def array_record(rng) -> ArrayRecord:
+    """Arrays of a few dtypes and shapes; with 64-byte chunks, zeros and tiled values repeat chunks."""
+    arrays = {}
+    for _ in range(int(rng.integers(0, 4))):
+        dtype = pick(rng, [np.float32, np.int16, np.int64, np.uint8])
+        size = int(rng.integers(0, 120))
+        values = pick(rng, [np.zeros(size, dtype), np.tile(np.arange(16, dtype=dtype), size // 16 + 1)[:size],
+                            rng.integers(0, 100, size).astype(dtype)])
+        arrays[text(rng) or "a"] = Array(values.reshape(-1, 2) if size % 2 == 0 and rng.random() < 0.3 else values)
+    return ArrayRecord(arrays)
+
+
+def content(rng, *, arrays: bool) -> RecordDict:
+    """Random records under random names; some held twice, under two names, or as an equal copy."""
+    def name(record) -> str:  # array records under the accountant's categories
+        if isinstance(record, ArrayRecord):
+            return pick(rng, ["weights", "buffers", "references", "coefficients", "indices", "masks"])
+        return text(rng)
+
+    records = {}
+    for _ in range(int(rng.integers(0, 5))):
+        draw = rng.random()
+        if records and draw < 0.2:  # the same record object under another name
+            record = records[pick(rng, list(records))]
+        elif records and draw < 0.35:  # an equal record built anew
+            other = records[pick(rng, list(records))]
+            record = type(other)(dict(other))
+        else:
+            record = array_record(rng) if arrays and draw < 0.7 else leaf_record(rng)
+        records[name(record)] = record
+    return RecordDict(records)
+
+
+def random_message(rng, *, arrays: bool = False) -> Message:
+    """An instruction or a reply (with content or an error), metadata drawn across varint lengths."""
+    query = Message(content(rng, arrays=arrays), dst_node_id=abs(integer(rng)),
+                    message_type=pick(rng, ["query", "train", "evaluate", "query.discover", "train.fit"]),
+                    group_id=text(rng) if rng.random() < 0.8 else None,
+                    ttl=float(rng.uniform(1.0, 1e6)) if rng.random() < 0.5 else None,
+                    dst_task_id=abs(integer(rng)) if rng.random() < 0.3 else None)
+    query.metadata.__dict__["_message_id"] = text(rng, 40)  # blanked in the object (Message.deflate)
+    if rng.random() < 0.4:
+        return query
+    if rng.random() < 0.3:
+        reason = text(rng, 60) if rng.random() < 0.8 else None
+        reply = Message(Error(code=abs(integer(rng, unsigned_max=False)), reason=reason), reply_to=query)
+    else:
+        reply = Message(content(rng, arrays=arrays), reply_to=query,
+                        ttl=float(rng.uniform(1.0, 1e3)) if rng.random() < 0.5 else None)
+    reply.metadata.__dict__["_message_id"] = text(rng, 40)
+    return reply
+
+
+@pytest.fixture
+def random_identity():
+    """The sender's run, node and task ids, which Message() reads from TaskIdentity: long varints."""
+    names = ("run_id", "node_id", "task_id")
+    saved = [getattr(TaskIdentity, name) for name in names]
+    for name, value in zip(names, (2**64 - 1, 2**35, 2**14)):
+        setattr(TaskIdentity, name, value)
+    yield
+    for name, value in zip(names, saved):
+        setattr(TaskIdentity, name, value)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_metadata_messages_sized_without_hashes_are_flowers_bytes(seed, random_identity):
+    rng = np.random.default_rng(seed)
+    for _ in range(150):
+        msg = random_message(rng)
+        assert wire_size(msg) == flower_wire_bytes(msg)
+        assert booked(msg) == flower_rows(msg)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_array_messages_sized_without_hashes_are_flowers_bytes(seed, random_identity, monkeypatch):
+    monkeypatch.setattr("flwr.app.message.array.FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE", 64)
+    rng = np.random.default_rng(100 + seed)
+    for _ in range(60):
+        msg = random_message(rng, arrays=True)
+        assert wire_size(msg) == flower_wire_bytes(msg)
+        assert booked(msg) == flower_rows(msg)
+
+
+def test_equal_records_are_one_object_and_repeated_chunks_one_chunk(monkeypatch):
+    monkeypatch.setattr("flwr.app.message.array.FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE", 64)
+    config = ConfigRecord({"lr": 0.1, "names": ["a", "é"], "blob": b"\x00\x01"})
+    alone = Message(RecordDict({"config": config}), dst_node_id=7, message_type="train")
+    twice = Message(RecordDict({"config": config, "again": ConfigRecord(dict(config))}),
+                    dst_node_id=7, message_type="train")
+    # one object for Flower; the second name costs only its entry in the RecordDict
+    assert len(twice.content.children) == 1
+    assert wire_size(twice) == flower_wire_bytes(twice)
+    assert wire_size(twice) - wire_size(alone) == len(twice.content.deflate()) - len(alone.content.deflate())
+    zeros = Array(np.zeros(256, np.float32))  # after the .npy header, 64-byte chunks of zeros: one object
+    chunks = zeros.children
+    assert len(zeros.slice_array()) == 18 and len(chunks) == 3
+    msg = Message(RecordDict({"weights": ArrayRecord({"values": zeros})}), dst_node_id=7, message_type="train")
+    assert booked(msg) == flower_rows(msg)
+    assert booked(msg)["weights"] == (len(msg.content["weights"].deflate()) + len(zeros.deflate())
+                                      + sum(len(chunk.deflate()) for chunk in chunks.values()))

@@ -126,7 +126,7 @@ def wrap_cmd_strategy(t: PhaseTimers) -> PhaseTimers:
     for name in ("encode_events", "vector_record", "weighted_mean", "rebuild_embedded"):
         t.wrap(strategies.cmd, name)
     t.wrap(VolumeAccountant, "record_message", "accountant")
-    t.wrap(fedcmd.accountant, "tree_bytes", "wire_size")  # what record_message measures with
+    t.wrap(fedcmd.accountant, "message_bytes", "wire_size")  # what record_message measures with
     t.wrap(OnlineCMD, "observe", "online_observe")
     t.wrap(OnlineCMD, "_fit", "online_fit")
     t.wrap(EmbeddingSchedule, "step", "schedule_step")

@@ -6,25 +6,38 @@ one reply up per node, each round-tripped through Flower's serialisation by fedc
 volume accountant. The server side was quadratic (each reply looked up its query in a list: 12 s for
 6,000 clients, 150 s for 20,000); it must now be linear, and 20,000 clients under 2 s.
 
-Where the time goes (cProfile of `time_discovery(20000)`, and per-call timings): nearly all of it is
-Flower building and serialising small objects. Per node, the grid round-trips the query and the
-reply through `message_to_proto`/`message_from_proto` (~25 + ~55 us), the ClientApp builds its
-reply (MetricRecord, RecordDict, Message: ~30 us), and the accountant deflates both messages'
-object trees to book their true wire size (Flower's header + body per object; an object's id is
-the hash of its deflated bytes, so a parent cannot be deflated before its children are). The
-accountant used to deflate every object twice (once for its id, once for its size) and each
-ArrayRecord twice more on its own; it now deflates the root message once and shares one id
-context with the records (`fedcmd.accountant.tree_bytes`), the same bytes (tests/test_accountant.py):
-~-35% on the server side. The grid cannot reuse its serialisation for the accountant: it is the
-protobuf message, not the deflated objects the accountant counts, and round-tripping through
-deflate/inflate instead costs more than both together (measured: ~150 + ~220 us per query + reply).
-So 2 s (100 us per node) is out of reach on this 2-core machine without counting fewer bytes
-than are sent or calling less of Flower than a real exchange does; see results/discovery.md.
+That target is below Flower's own floor in one process. Per node, the grid round-trips the query
+and the reply through `message_to_proto`/`message_from_proto` (~25 + ~55 us) and the ClientApp
+builds its reply (MetricRecord, RecordDict, Message: ~30 us): the Flower floor below, the same
+queries created and carried to the same ClientApp and back with no server code at all, takes
+2.7-5.1 s for 20,000 clients on this loaded 2-core machine (results/discovery.md). No server
+can bring discovery under the floor; what fedcmd controls is the server part (total minus the
+grid), and that part was cut by half:
+
+- creating the queries: Flower's Message constructor, ~7 us each (`fedcmd.server.discovery_queries`,
+  shared with the floor);
+- reading and checking each claim and registering the node: ~5 us;
+- booking both messages' exact wire size. Flower's deflate of a message hashes every object in it
+  (an object's id is the hash of its deflated bytes and a parent's bytes hold its children's
+  ids): the accountant deflated each message's tree, ~30 + ~45 us per query and reply. It now
+  sizes what holds no arrays without a hash (`fedcmd.accountant.message_bytes`: a parent's size
+  depends only on how many distinct children it has, every id being 64 characters; records are
+  deduped by their deflated bytes), ~8 + ~15 us, the same bytes as Flower's own
+  (tests/test_accountant.py, over random metadata, errors, every record value type, equal
+  records, repeated chunks). Below array records, objects are still counted by id.
+
+Run in turn under the same load, 20,000 clients: server part 2.4-4.0 s before, 1.1-1.5 s after (load
+average 6-11; results/discovery.md's note); in the recorded run, at load 12, 1.9-2.3 s. The rest is
+Flower building and serialising small objects: Message construction, `metadata_to_proto` and the
+reply's MetricRecord deflate are most of what the server part still spends.
 
 Measured for each N: wall time of `discover_nodes` (best of `--repeats`, each with a fresh strategy
-and grid), split into the grid's time in `send_and_receive` (transport and the ClientApp) and the
-server's (everything else: node listing, claim checks, registering, accounting), and the per-node
-cost, whose flatness over N is the linearity check.
+and grid), split into the grid's time (`get_node_ids`, and `send_and_receive`: transport and the
+ClientApp) and the server's (everything else: the queries, claim checks, registering, accounting),
+and the per-node cost, whose flatness over N is the linearity check. Beside it, in turn with each
+discovery run, the Flower floor (`time_floor`): the same exchange with no server code, the nodes
+listed, the same queries created (`fedcmd.server.discovery_queries`), carried by the same grid to
+the real ClientApp and back; what any server pays for discovery on this grid in one process.
 
     .venv/bin/python experiments/benchmarks/discovery.py [--clients 1000 5000 10000 20000] [--repeats 3]
         [--out experiments/benchmarks/results/discovery.json]   (also writes the .md beside it)
@@ -44,7 +57,25 @@ from benchtools import command_line, machine, write_outputs
 from fedcmd.client_app import app as client_app
 from fedcmd.config import resolve
 from fedcmd.engine import LocalGrid
-from fedcmd.server import discover_nodes, make_strategy
+from fedcmd.server import discover_nodes, discovery_queries, make_strategy
+
+
+def timed_grid(grid: LocalGrid) -> list[float]:
+    """Charge the time spent in the grid's methods that discovery calls (node listing, transport
+    with the ClientApp) to the one-element list returned."""
+    spent = [0.0]
+    for name in ("get_node_ids", "send_and_receive"):
+        method = getattr(grid, name)
+
+        def timed(*args, _method=method, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return _method(*args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - t0
+
+        setattr(grid, name, timed)
+    return spent
 
 
 def time_discovery(num_clients: int) -> dict[str, float]:
@@ -53,23 +84,26 @@ def time_discovery(num_clients: int) -> dict[str, float]:
                       "synthetic-shape": "1x4x4", "model": "mlp", "num-clients": num_clients})
     strategy = make_strategy(config)
     grid = LocalGrid(client_app, num_clients)
-    in_grid = 0.0
-    send = grid.send_and_receive
-
-    def timed_send(messages, *, timeout=None):
-        nonlocal in_grid
-        t0 = time.perf_counter()
-        replies = send(messages, timeout=timeout)
-        in_grid += time.perf_counter() - t0
-        return replies
-
-    grid.send_and_receive = timed_send
+    in_grid = timed_grid(grid)
     t0 = time.perf_counter()
     discover_nodes(grid, strategy, 1, timeout=600.0)
     total = time.perf_counter() - t0
     if len(strategy.node_of) != num_clients:
         raise RuntimeError(f"discovery registered {len(strategy.node_of)} of {num_clients} nodes")
-    return {"seconds": total, "grid_seconds": in_grid, "server_seconds": total - in_grid}
+    return {"seconds": total, "grid_seconds": in_grid[0], "server_seconds": total - in_grid[0]}
+
+
+def time_floor(num_clients: int) -> float:
+    """Seconds of the same exchange with no server code: the nodes listed, the same queries
+    created, carried by the grid to the real ClientApp and its replies back; no claim checked,
+    no node registered, nothing counted."""
+    grid = LocalGrid(client_app, num_clients)
+    t0 = time.perf_counter()
+    replies = grid.send_and_receive(discovery_queries(grid.get_node_ids(), 1), timeout=600.0)
+    seconds = time.perf_counter() - t0
+    if len(replies) != num_clients:
+        raise RuntimeError(f"{len(replies)} replies from {num_clients} nodes")
+    return seconds
 
 
 def main() -> None:
@@ -81,21 +115,31 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for n in args.clients:
-        runs = [time_discovery(n) for _ in range(args.repeats)]
-        best = min(runs, key=lambda r: r["seconds"])
-        rows.append({"clients": n, **best, "us_per_node": 1e6 * best["seconds"] / n,
-                     "server_us_per_node": 1e6 * best["server_seconds"] / n,
-                     "all_seconds": [r["seconds"] for r in runs]})
-        print(f"{n:>6} clients: {best['seconds']:.3f} s (grid {best['grid_seconds']:.3f} s, server "
-              f"{best['server_seconds']:.3f} s), {rows[-1]['us_per_node']:.0f} us per node", flush=True)
+        runs, floors = [], []
+        for _ in range(args.repeats):  # in turn, so that both see the same load
+            runs.append(time_discovery(n))
+            floors.append(time_floor(n))
+        row = {"clients": n, **min(runs, key=lambda r: r["seconds"]), "floor_seconds": min(floors)}
+        row.update(server_share=row["server_seconds"] / row["seconds"], over_floor_seconds=row["seconds"] - min(floors),
+                   us_per_node=1e6 * row["seconds"] / n, server_us_per_node=1e6 * row["server_seconds"] / n,
+                   all_seconds=[r["seconds"] for r in runs], all_server_seconds=[r["server_seconds"] for r in runs],
+                   all_floor_seconds=floors)
+        rows.append(row)
+        print(f"{n:>6} clients: {row['seconds']:.3f} s (grid {row['grid_seconds']:.3f} s, server "
+              f"{row['server_seconds']:.3f} s = {100 * row['server_share']:.0f}%), Flower floor "
+              f"{row['floor_seconds']:.3f} s, {row['us_per_node']:.0f} us per node", flush=True)
     result = {"command": command_line(), "machine": machine(), "repeats": args.repeats, "note": args.note,
               "rows": rows}
     lines = ["# Node discovery, in-process grid", "", f"`{result['command']}`", "",
-             "| clients | discovery (s) | grid: transport + ClientApp (s) | server (s) | us per node |",
-             "|---:|---:|---:|---:|---:|"]
+             "| clients | discovery (s) | grid: transport + ClientApp (s) | server (s) | server share | "
+             "Flower floor (s) | over the floor (s) | us per node |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['clients']:,} | {r['seconds']:.3f} | {r['grid_seconds']:.3f} | {r['server_seconds']:.3f} | "
+              f"{100 * r['server_share']:.0f}% | {r['floor_seconds']:.3f} | {r['over_floor_seconds']:.3f} | "
               f"{r['us_per_node']:.0f} |" for r in rows]
-    lines += ["", f"Best of {args.repeats} runs each; machine: {result['machine']['cpus']} CPUs, load average "
+    lines += ["", f"Discovery: the best of {args.repeats} runs each (grid and server are that run's split); "
+              f"Flower floor: the best of {args.repeats} runs of the exchange without server code, each "
+              f"run right after a discovery run. Machine: {result['machine']['cpus']} CPUs, load average "
               f"{result['machine']['load_average']}." + (f" {args.note}" if args.note else "")]
     write_outputs(args.out, result, "\n".join(lines) + "\n")
 
