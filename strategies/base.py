@@ -147,7 +147,7 @@ class FedcmdStrategy(Strategy):
         # Set by the server when clients keep local-training state: the run's token and where
         # clients keep copies of that state for resumed runs (clients/common.py); sent with the config.
         self.run_info: dict[str, str] = {}
-        # The wire codecs (module docstring of fedcmd.codecs; "Wire codecs" in README.md).
+        # The wire codecs (module docstring of fedcmd.codecs; docs/protocols.md, "Wire codecs").
         self.codec_up, self.codec_down = make_codec(config, "up"), make_codec(config, "down")
         self.broadcast: Broadcast | None = None
         self.down_residual: np.ndarray | None = None  # topk downlink error feedback, over the weights
