@@ -6,27 +6,22 @@ state wiped, node restarted). Recorded on the client side where the rebuilt vect
 `train_locally`, and on the server side when the message is built.
 """
 
-import csv
 
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from helpers import read_csv
 
 import clients.apf
 import strategies.apf
 from clients.apf import SyncedModel, SyncError
 from fedcmd.client_app import app as client_app
 from fedcmd.engine import LocalGrid, run_inprocess
-from fedcmd.sampling import sample_cohort
 from fedcmd.protocols.apf import pack_mask
+from fedcmd.sampling import sample_cohort
 from fedcmd.wire import vector_record
 
 N = 61706  # LeNet-5 on 1x28x28
-
-
-def read_csv(path):
-    with open(path) as fh:
-        return list(csv.DictReader(fh))
 
 
 @pytest.fixture

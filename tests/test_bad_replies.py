@@ -1,22 +1,17 @@
 """Bad replies (wrong length, NaN, Inf, unknown store version) are rejected, logged and counted, and
 the global model is the aggregate of the good replies only."""
 
-import csv
 import logging
 
 import numpy as np
 import pytest
 from flwr.app import MetricRecord
+from helpers import read_csv
 
 import clients.fedavg as fedavg_client
 from fedcmd.client_app import app as client_app
 from fedcmd.engine import LocalGrid, run_inprocess
 from fedcmd.wire import vector_record
-
-
-def read_csv(path):
-    with open(path) as fh:
-        return list(csv.DictReader(fh))
 
 
 def corrupt(reply, how):

@@ -8,11 +8,11 @@
 - Bad encoded replies are rejected, and the global model is the one of the run without them.
 """
 
-import csv
 
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord
+from helpers import read_csv
 
 import clients.apf
 import clients.cmd
@@ -25,11 +25,6 @@ from strategies.fedavg import FedAvg
 
 CLIENTS = {"fedavg": (clients.fedavg, FedAvg), "cmd": (clients.cmd, CMD), "apf": (clients.apf, APF),
            "a-apf": (clients.apf, AggressiveAPF)}
-
-
-def read_csv(path):
-    with open(path) as fh:
-        return list(csv.DictReader(fh))
 
 
 @pytest.fixture
@@ -176,8 +171,9 @@ def test_bad_encoded_replies_are_rejected_with_the_model_untouched(codec_config,
 
 
 def test_the_accountant_refuses_an_unknown_array_record_going_down_and_books_one_coming_up(small_config, tmp_path):
-    from fedcmd.accountant import VolumeAccountant
     from flwr.app import Message, RecordDict
+
+    from fedcmd.accountant import VolumeAccountant
 
     acc = VolumeAccountant()
     msg = Message(RecordDict({"weights": ArrayRecord({"values": Array(np.zeros(10, np.float32))}),

@@ -4,13 +4,13 @@ unregistered key is refused; a node with a registered key claiming a partition i
 to gets no train message; every process started is stopped. A second, plain deployment whose
 SuperLink crashes mid-run leaves no process behind. About two minutes."""
 
-import csv
 import json
 import os
 import signal
 from pathlib import Path
 
 import pytest
+from helpers import read_csv
 
 from fedcmd.config import resolve
 from fedcmd.deploy import Deployment, DeploymentError, live_group_members, make_credentials, make_node_key
@@ -20,11 +20,6 @@ pytestmark = pytest.mark.slow  # real Ray / deployment / flwr run: `make test-fa
 
 NODES = 2
 START_SECONDS = 300  # under load (average 9 on 2 cores) a SuperLink took over 90 s to listen, a round 317 s
-
-
-def read_csv(path):
-    with open(path) as fh:
-        return list(csv.DictReader(fh))
 
 
 @pytest.fixture(scope="module")

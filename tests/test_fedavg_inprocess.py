@@ -1,17 +1,12 @@
 """End-to-end FedAvg through the real strategy and ClientApp code, in process."""
 
-import csv
 import json
 
 import numpy as np
+from helpers import read_csv
 
-from fedcmd.engine import LocalGrid, run_inprocess
 from fedcmd.client_app import app as client_app
-
-
-def read_csv(path):
-    with open(path) as fh:
-        return list(csv.DictReader(fh))
+from fedcmd.engine import LocalGrid, run_inprocess
 
 
 def test_fedavg_run_writes_outputs_and_counts_exact_weight_bytes(small_config, tmp_path):

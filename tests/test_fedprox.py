@@ -1,12 +1,12 @@
 """FedProx: its declaration reaches the config and the clients, its proximal term is the paper's,
 mu = 0 is FedAvg exactly, and mu > 0 keeps a client's local model nearer the global one."""
 
-import csv
 import json
 
 import numpy as np
 import pytest
 import torch
+from helpers import read_csv
 from torch import nn
 
 from clients.common import train_locally
@@ -14,11 +14,6 @@ from clients.fedprox import proximal_term
 from fedcmd import task
 from fedcmd.config import ConfigError, client_keys, load_config, resolve
 from fedcmd.engine import run_inprocess
-
-
-def read_csv(path):
-    with open(path) as fh:
-        return list(csv.DictReader(fh))
 
 
 def test_fedprox_is_a_strategy_with_its_key_checked_and_sent_to_its_clients_only():

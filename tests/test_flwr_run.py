@@ -14,8 +14,9 @@ import sys
 import uuid
 from pathlib import Path
 
-from fedcmd.deploy import free_port, stop_process_groups
 import pytest
+
+from fedcmd.deploy import free_port, stop_process_groups
 
 pytestmark = pytest.mark.slow  # real Ray / deployment / flwr run: `make test-fast` leaves it out
 

@@ -1,12 +1,12 @@
 """Short rounds: `local-steps` from a persistent batch stream, optimizers whose state lives on in the
 node (`optimizer-state = keep`), `eval-every`, and resume with all of it, bit for bit."""
 
-import csv
 import math
 
 import numpy as np
 import pytest
 import torch
+from helpers import read_csv
 
 import clients.common as common
 from clients.common import LocalTrainingState
@@ -17,11 +17,6 @@ from fedcmd.engine import LocalGrid, run_inprocess
 from fedcmd.training import BatchStream
 
 STRATEGIES = ("fedavg", "cmd", "apf", "a-apf")
-
-
-def read_csv(path):
-    with open(path) as fh:
-        return list(csv.DictReader(fh))
 
 
 @pytest.fixture
@@ -124,7 +119,7 @@ def test_adam_state_is_kept_or_reset_as_configured(config, tmp_path):
 
 def test_kept_adam_state_changes_the_training(config, tmp_path):
     keep = run_inprocess(config, tmp_path / "keep", progress=False)
-    reset = run_inprocess(dict(config, **{"optimizer-state": "reset"}), tmp_path / "reset", progress=False)
+    run_inprocess(dict(config, **{"optimizer-state": "reset"}), tmp_path / "reset", progress=False)
     again = run_inprocess(config, tmp_path / "again", progress=False)
     assert keep["final_accuracy"] == again["final_accuracy"]
     losses = lambda out: [row["train_loss"] for row in read_csv(out / "metrics.csv")][1:]

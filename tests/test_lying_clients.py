@@ -2,24 +2,19 @@
 completes, the reply is a counted rejection (or a refused claim) with its reason, and the global
 model is the one the run makes without that client's replies. Ends with a fuzz test."""
 
-import csv
 import logging
 from uuid import uuid4
 
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from helpers import read_csv
 
 from fedcmd.binding import write_binding
 from fedcmd.checkpoint import load_checkpoint
 from fedcmd.client_app import app as client_app
 from fedcmd.deploy import make_node_key
 from fedcmd.engine import LocalGrid, _wire, run_inprocess
-
-
-def read_csv(path):
-    with open(path) as fh:
-        return list(csv.DictReader(fh))
 
 
 class TamperingGrid(LocalGrid):

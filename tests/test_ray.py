@@ -34,6 +34,7 @@ def test_short_rounds_on_ray_match_the_in_process_run(small_config, tmp_path, st
     on_ray = run_ray(config, tmp_path / "ray", progress=False)
     in_process = run_inprocess(config, tmp_path / "inp", progress=False)
     assert on_ray["replies_rejected"] == 0 and on_ray["rounds"] == 3
+    assert on_ray["final_accuracy"] == in_process["final_accuracy"]
     accuracy = lambda out: [(row["accuracy"], row["train_loss"]) for row in csv.DictReader(open(out / "metrics.csv"))]
     assert accuracy(tmp_path / "ray") == accuracy(tmp_path / "inp")
     (token,) = (tmp_path / "ray" / "client-state").iterdir()
