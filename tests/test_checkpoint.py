@@ -103,7 +103,8 @@ def test_a_finished_run_extended_by_resume_matches_the_longer_run(config, tmp_pa
 
 def test_checkpoint_holds_the_run_without_stale_node_maps(config, tmp_path):
     run_inprocess(dict(config, **{"num-server-rounds": 2}), tmp_path, progress=False)
-    assert sorted(p.name for p in tmp_path.iterdir() if "checkpoint" in p.name) == [CHECKPOINT_NAME]
+    assert sorted(p.name for p in tmp_path.iterdir() if "checkpoint" in p.name) == [CHECKPOINT_NAME,
+                                                                                     "checkpoint.round-2.npz"]
     ckpt = load_checkpoint(tmp_path, config)
     assert ckpt.server_round == 2 and [m["round"] for m in ckpt.metrics] == [0, 1, 2]
     assert ckpt.strategy.node_of == {} and ckpt.strategy.partition_of == {}
@@ -119,7 +120,7 @@ def test_resume_refuses_a_missing_checkpoint_or_a_different_config(config, tmp_p
         load_checkpoint(tmp_path, dict(config, lr=0.01))
     with pytest.raises(CheckpointError, match="past num-server-rounds"):
         load_checkpoint(tmp_path, dict(config, **{"num-server-rounds": 1}))
-    (tmp_path / CHECKPOINT_NAME).write_bytes(b"not a pickle")
+    (tmp_path / CHECKPOINT_NAME).write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="not a readable"):
         load_checkpoint(tmp_path, config)
 
@@ -152,7 +153,7 @@ def test_cmd_resumes_after_embedding_events_with_restarted_clients(small_config,
 
 
 def test_aggressive_apf_resumes_with_restarted_clients(small_config, tmp_path):
-    """A-APF's controller (with its random-freeze generator) comes back from the pickle as it was."""
+    """A-APF's controller (with its random-freeze generator) comes back from the checkpoint as it was."""
     config = dict(small_config, **{"strategy": "a-apf", "num-server-rounds": 7, "apf-threshold": 0.3,
                                    "local-epochs": 1})
     whole = run_inprocess(config, tmp_path / "whole", progress=False)
