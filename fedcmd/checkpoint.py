@@ -30,7 +30,8 @@ import random
 import re
 import uuid
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,7 +103,8 @@ def array_entry(state: Any, key: str, dtype: Any, shape: tuple[int | None, ...])
         raise CheckpointError(f"must be {'unicode' if dtype is str else np.dtype(dtype).name}, got {value.dtype}",
                               (key,))
     if len(value.shape) != len(shape) or any(s is not None and s != v for s, v in zip(shape, value.shape)):
-        expected = "(" + ", ".join("any" if s is None else str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+        sizes = ["any" if s is None else str(s) for s in shape]
+        expected = f"({sizes[0]},)" if len(sizes) == 1 else f"({', '.join(sizes)})"
         raise CheckpointError(f"has shape {value.shape}, expected {expected}", (key,))
     return value
 
@@ -123,24 +125,30 @@ def by_round(state: Any, key: str, read: Callable[[Any], Any] | type) -> dict[in
         if row[0] <= last:
             raise CheckpointError(f"rounds must increase, got {row[0]} after {last}", (key,))
         last = row[0]
-        try:
+        with within(key, str(row[0])):
             out[row[0]] = read(row[1])
-        except CheckpointError as err:
-            raise CheckpointError(err.message, (key, str(row[0]), *err.where)) from err
     return out
 
 
-def load_part(state: Any, key: str, load: Callable[[Any], None]) -> None:
-    """load(state[key]), naming `key` in what it raises. The math modules (fedcmd.cmd, fedcmd.apf)
-    import nothing of fedcmd and raise ValueError; those become CheckpointErrors here."""
-    value = entry(state, key, dict)
+@contextmanager
+def within(*where: str) -> Iterator[None]:
+    """Name `where`, a path in the tree, in the CheckpointErrors raised inside. The math modules
+    (fedcmd.cmd, fedcmd.apf) import nothing of fedcmd and raise ValueError: those become
+    CheckpointErrors here."""
     try:
-        load(value)
+        yield
     except CheckpointError as err:
-        raise CheckpointError(err.message, (key, *err.where)) from err
+        raise CheckpointError(err.message, (*where, *err.where)) from err
     except (ValueError, TypeError, KeyError, IndexError) as err:
         raise CheckpointError(str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}",
-                              (key,)) from err
+                              where) from err
+
+
+def load_part(state: Any, key: str, load: Callable[[Any], None]) -> None:
+    """load(state[key]) (a mapping: a component's state_dict), naming `key` in what it raises."""
+    value = entry(state, key, dict)
+    with within(key):
+        load(value)
 
 
 def _shown(value: Any, limit: int = 60) -> str:

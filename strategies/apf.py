@@ -58,7 +58,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fedcmd.apf import FreezingController
-from fedcmd.checkpoint import CheckpointError, array_entry, by_round, checked, entry, load_part
+from fedcmd.checkpoint import CheckpointError, array_entry, by_round, checked, entry, load_part, within
 from strategies.base import FedcmdStrategy, ReplyError, read_int, shown, vector_record, weighted_mean
 
 CATCH_UP_KINDS = ("delta", "derived", "explicit", "full")  # preference order on equal cost
@@ -262,14 +262,12 @@ class APF(FedcmdStrategy):
         value = entry(state, key, object)
         if value is None:
             return None
-        version = entry(value, "version", int)
-        try:
+        with within(key):
+            version = entry(value, "version", int)
             active = array_entry(value, "active", np.bool_, (self.weights.size,)).copy()
-        except CheckpointError as err:
-            raise CheckpointError(err.message, (key, *err.where)) from err
-        if not 0 <= version <= self.controller.n_checks:
-            raise CheckpointError(f"version {version} is not within the controller's {self.controller.n_checks} checks",
-                                  (key,))
+            if not 0 <= version <= self.controller.n_checks:
+                raise CheckpointError(f"version {version} is not within the controller's "
+                                      f"{self.controller.n_checks} checks")
         active.flags.writeable = False
         return RoundMask(version, active, np.flatnonzero(active))
 

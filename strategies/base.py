@@ -41,7 +41,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedcmd import task
 from fedcmd.accountant import VolumeAccountant
-from fedcmd.checkpoint import CheckpointError, array_entry, by_round, entry, load_part
+from fedcmd.checkpoint import CheckpointError, array_entry, by_round, entry, load_part, within
 from fedcmd.codecs import Codec, CodecError, describe, with_error_feedback
 from fedcmd.sampling import sample_cohort
 
@@ -524,20 +524,20 @@ class FedcmdStrategy(Strategy):
         value = entry(state, "broadcast", object)
         if value is None:
             return None
-        where = ("broadcast",)
-        if self.codec_down.lossless:
-            raise CheckpointError(f"a broadcast, but codec-down is {self.codec_down.name}", where)
-        version, payloads = entry(value, "version", int), entry(value, "arrays", dict)
-        if not set(payloads) <= set(PAYLOAD_KEYS):
-            raise CheckpointError(f"payload keys must be among {PAYLOAD_KEYS}, got {shown(sorted(payloads))}", where)
-        for key, arrays in payloads.items():
-            try:  # a payload the downlink codec decodes, to at most the model's size
-                length = describe(arrays)[0] if isinstance(arrays, Mapping) else -1
-                if not 0 <= length <= self.weights.size:
-                    raise CodecError(f"decodes to {length} values, the model has {self.weights.size}")
-                self.codec_down.decode(arrays, length)
-            except CodecError as err:
-                raise CheckpointError(f"not a {self.codec_down.name} payload: {err}", (*where, key)) from err
+        with within("broadcast"):
+            if self.codec_down.lossless:
+                raise CheckpointError(f"a broadcast, but codec-down is {self.codec_down.name}")
+            version, payloads = entry(value, "version", int), entry(value, "arrays", dict)
+            if not set(payloads) <= set(PAYLOAD_KEYS):
+                raise CheckpointError(f"payload keys must be among {PAYLOAD_KEYS}, got {shown(sorted(payloads))}")
+            for key, arrays in payloads.items():
+                try:  # a payload the downlink codec decodes, to at most the model's size
+                    length = describe(arrays)[0] if isinstance(arrays, Mapping) else -1
+                    if not 0 <= length <= self.weights.size:
+                        raise CodecError(f"decodes to {length} values, the model has {self.weights.size}")
+                    self.codec_down.decode(arrays, length)
+                except CodecError as err:
+                    raise CheckpointError(f"not a {self.codec_down.name} payload: {err}", (key,)) from err
         return Broadcast(version, {key: dict(arrays) for key, arrays in payloads.items()})
 
 
