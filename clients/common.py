@@ -11,15 +11,15 @@ they cost client memory and are never sent.
 So that `fedcmd run --resume` continues exactly, a client that keeps such state also writes it
 after each round it trains to `<client-state-dir>/<run-token>/partition-<k>.round-<r>.npz` (the
 server names the folder: `<out>/client-state`; a SuperNode's node config `state-dir` overrides it)
-and keeps the last two files. A node that holds no state (a resumed run, a restarted SuperNode)
-loads the newest file written before the current round; the run token, drawn when a run starts
-and kept in its checkpoint, keeps another run's files out.
+and keeps the last two files (arrays only, written and read without pickle, like the server's
+checkpoint). A node that holds no state (a resumed run, a restarted SuperNode) loads the newest
+file written before the current round; the run token, drawn when a run starts and kept in its
+checkpoint, keeps another run's files out.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 import re
 import time
 from pathlib import Path
@@ -31,6 +31,7 @@ from flwr.app import Array, ArrayRecord, Context, RecordDict
 from torch import nn
 
 from fedcmd import task
+from fedcmd.checkpoint import write_atomically
 from fedcmd.config import keeps_local_state
 from fedcmd.flat import ParamLayout
 from fedcmd.sampling import local_seed
@@ -126,15 +127,13 @@ class StateFiles:
         older = [(r, p) for r, p in self._files() if r < server_round]
         if not older:
             return None
-        with np.load(older[-1][1]) as arrays:
+        with np.load(older[-1][1], allow_pickle=False) as arrays:
             return LocalTrainingState.from_arrays({k: arrays[k] for k in arrays.files})
 
     def write(self, state: LocalTrainingState) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"{self.prefix}{state.trained_round}.npz"
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, **state.to_arrays())
-        os.replace(tmp, path)
+        write_atomically(path, lambda fh: np.savez(fh, allow_pickle=False, **state.to_arrays()))
         for _, old in self._files()[: -self.KEEP]:
             old.unlink(missing_ok=True)
 

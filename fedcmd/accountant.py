@@ -33,6 +33,7 @@ from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=no
 from flwr.supercore.constant import HEAD_BODY_DIVIDER, HEAD_VALUE_DIVIDER
 from flwr.supercore.inflatable.inflatable_object import no_object_id_recompute
 
+from fedcmd.checkpoint import CheckpointError, array_entry
 from fedcmd.codecs import describe
 
 PAYLOADS = ("weights", "buffers", "references")  # dense values, possibly codec-encoded
@@ -51,6 +52,11 @@ class VolumeRow:
     floats: float
     raw_bytes: int
     wire_bytes: int
+
+
+# The columns of `VolumeAccountant.state_dict`, in VolumeRow's order (str: a numpy unicode array).
+COLUMN_DTYPES = {"round": np.int64, "client": np.int64, "direction": str, "category": str, "values": np.int64,
+                 "floats": np.float64, "raw_bytes": np.int64, "wire_bytes": np.int64}
 
 
 def wire_size(obj) -> int:
@@ -251,15 +257,21 @@ class VolumeAccountant:
                                           int(rec["wire_bytes"])))
         return acc
 
-    def state(self) -> dict[str, np.ndarray]:
+    def state_dict(self) -> dict[str, np.ndarray]:
         """The rows as column arrays, for checkpoints."""
-        cols = list(zip(*(astuple(r) for r in self.rows))) if self.rows else [[] for _ in fields(VolumeRow)]
-        return {f.name: np.asarray(col) for f, col in zip(fields(VolumeRow), cols)}
+        columns = list(zip(*(astuple(r) for r in self.rows))) if self.rows else [()] * len(COLUMN_DTYPES)
+        return {name: np.asarray(col, dtype=dtype) for (name, dtype), col in zip(COLUMN_DTYPES.items(), columns)}
 
-    def load_state(self, state: dict[str, np.ndarray]) -> None:
-        names = [f.name for f in fields(VolumeRow)]
-        self.rows = [VolumeRow(int(r), int(c), str(d), str(k), int(v), float(f), int(rb), int(wb))
-                     for r, c, d, k, v, f, rb, wb in zip(*(state[n] for n in names))]
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Rows from `state_dict`'s columns, checked: dtypes, one length, known directions and categories."""
+        columns = {name: array_entry(state, name, dtype, (None,)) for name, dtype in COLUMN_DTYPES.items()}
+        if len({col.size for col in columns.values()}) != 1:
+            raise CheckpointError(f"columns differ in length: { {k: v.size for k, v in columns.items()} }")
+        for name, known in (("direction", DIRECTIONS), ("category", (*CATEGORIES, METADATA))):
+            unknown = sorted(set(columns[name].tolist()) - set(known))
+            if unknown:
+                raise CheckpointError(f"unknown values {unknown[:5]}", (name,))
+        self.rows = [VolumeRow(*row) for row in zip(*(columns[name].tolist() for name in COLUMN_DTYPES))]
 
 
 def fedavg_floats(model_floats: int, cohort_sizes: list[int]) -> float:

@@ -27,7 +27,15 @@ from flwr.serverapp import Grid
 from fedcmd import task
 from fedcmd.accountant import VolumeAccountant, fedavg_floats
 from fedcmd.binding import pem_fingerprint, read_binding
-from fedcmd.checkpoint import CHECKPOINT_NAME, Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from fedcmd.checkpoint import (
+    CHECKPOINT_NAME,
+    LEGACY_NAME,
+    Checkpoint,
+    CheckpointError,
+    checkpoint_files,
+    load_checkpoint,
+    save_checkpoint,
+)
 from fedcmd.config import ConfigError, SetupError, keeps_local_state, to_toml
 from fedcmd.data import DatasetNotFoundError, partition_report, write_partition_report
 from fedcmd.algorithms import algorithm
@@ -155,7 +163,7 @@ def check_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
         raise SetupError(f"output folder {out} is a file")
     if resume or overwrite:
         return
-    for name, what in ((CHECKPOINT_NAME, "checkpointed"), ("summary.json", "finished")):
+    for name, what in ((CHECKPOINT_NAME, "checkpointed"), (LEGACY_NAME, "checkpointed"), ("summary.json", "finished")):
         if (out / name).exists():
             raise SetupError(f"{out} holds a {what} run ({name}): pass --resume to continue it or "
                              "--overwrite to replace it, or choose another output folder")
@@ -166,8 +174,8 @@ def make_out_dir(out: Path, *, overwrite: bool) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
         if overwrite:
-            for name in RUN_OUTPUTS:
-                (out / name).unlink(missing_ok=True)
+            for path in [*(out / name for name in RUN_OUTPUTS), *checkpoint_files(out)]:
+                path.unlink(missing_ok=True)
     except OSError as err:
         raise SetupError(f"cannot write to output folder {out}: {err.strerror or err}") from err
 

@@ -59,9 +59,10 @@ from flwr.app import ArrayRecord, RecordDict
 
 from fedcmd.accountant import fedavg_floats
 from fedcmd.apf import FreezingController
+from fedcmd.checkpoint import CheckpointError, array_entry, by_round, checked, entry, load_part, within
 from fedcmd.protocols.apf import ACTIVE, CATCH_UP_KINDS, CHANGED, HEAD, MASKS, REPLY_METRICS, SyncHead, pack_mask
 from fedcmd.wire import ReplyError, vector_record
-from strategies.base import FedcmdStrategy, Reply, read_int, weighted_mean
+from strategies.base import FedcmdStrategy, Reply, read_int, shown, weighted_mean
 
 
 @dataclass(frozen=True)
@@ -227,6 +228,56 @@ class APF(FedcmdStrategy):
             self.at_last_check = self.weights.copy()
         return result
 
+    # ----- checkpoints -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The base's state, the controller's, the model at the last check, the round each scalar
+        last changed in, the masks in force, and the per-round figures."""
+        def mask(m: RoundMask | None) -> dict[str, Any] | None:
+            return None if m is None else {"version": m.version, "active": m.active}
+
+        return {**super().state_dict(), "controller": self.controller.state_dict(),
+                "at_last_check": self.at_last_check, "changed_in": self.changed_in,
+                "mask": mask(self.mask), "previous_mask": mask(self.previous_mask),
+                "paper_floats": [[r, v] for r, v in self.paper_floats.items()],
+                "catch_ups": [[r, dict(c)] for r, c in self.catch_ups.items()],
+                "round_figures": [[r, dict(f)] for r, f in self.round_figures.items()],
+                "rows_seen": self._rows_seen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        n = self.weights.size
+        load_part(state, "controller", self.controller.load_state_dict)
+        at_last_check = array_entry(state, "at_last_check", np.float32, (n,))
+        changed_in = array_entry(state, "changed_in", np.int32, (n,))
+        mask = self._read_mask(state, "mask")
+        if mask is None:
+            raise CheckpointError("missing", ("mask",))
+        if mask.version == self.controller.n_checks and not np.array_equal(mask.active, self.controller.active_mask):
+            raise CheckpointError(f"version {mask.version} differs from the controller's mask of that version",
+                                  ("mask",))
+        self.at_last_check, self.changed_in = at_last_check.copy(), changed_in.copy()
+        self.mask, self.previous_mask = mask, self._read_mask(state, "previous_mask")
+        self.paper_floats = by_round(state, "paper_floats", float)
+        self.catch_ups = by_round(state, "catch_ups", read_catch_ups)
+        self.round_figures = by_round(state, "round_figures", read_figures)
+        self._rows_seen = entry(state, "rows_seen", int)
+        if not 0 <= self._rows_seen <= len(self.accountant.rows):
+            raise CheckpointError(f"{self._rows_seen} is not within the accountant's {len(self.accountant.rows)} rows",
+                                  ("rows_seen",))
+
+    def _read_mask(self, state: dict[str, Any], key: str) -> RoundMask | None:
+        value = entry(state, key, object)
+        if value is None:
+            return None
+        with within(key):
+            version = entry(value, "version", int)
+            active = array_entry(value, "active", np.bool_, (self.weights.size,)).copy()
+            if not 0 <= version <= self.controller.n_checks:
+                raise CheckpointError(f"version {version} is not within the controller's "
+                                      f"{self.controller.n_checks} checks")
+        active.flags.writeable = False
+        return RoundMask(version, active, np.flatnonzero(active))
+
     # ----- reporting ---------------------------------------------------------------------------
     def _measure(self, server_round: int) -> dict[str, float]:
         """The round's mask and measured traffic: payload floats (weights, buffers and masks, as
@@ -265,6 +316,22 @@ class APF(FedcmdStrategy):
                 **{f"sync_{k}": int(kinds[k]) for k in CATCH_UP_KINDS}, "masks_sent": int(kinds["mask"]),
                 "apf_check_every": self.check_every, "apf_aggressive": self.aggressive,
                 "apf_random_freeze_periods": self.config["apf-random-freeze-periods"]}
+
+
+def read_catch_ups(value: Any) -> Counter:
+    """A round's catch-up kind counts (and "mask": masks sent), from their checkpointed form."""
+    counts = checked(value, dict)
+    if not set(counts) <= {*CATCH_UP_KINDS, "mask"} or not all(type(v) is int and v >= 0 for v in counts.values()):
+        raise CheckpointError(f"must count kinds among {CATCH_UP_KINDS} and 'mask', got {shown(counts)}")
+    return Counter(counts)
+
+
+def read_figures(value: Any) -> dict[str, float]:
+    """A round's measured figures (`APF._measure`), from their checkpointed form."""
+    figures = checked(value, dict)
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in figures.values()):
+        raise CheckpointError(f"must map names to numbers, got {shown(figures)}")
+    return figures
 
 
 class AggressiveAPF(APF):

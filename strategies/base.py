@@ -30,7 +30,7 @@ with its reason, whatever the exception; nothing in a reply can end the run):
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -41,7 +41,8 @@ from flwr.serverapp.strategy import Strategy
 
 from fedcmd import task
 from fedcmd.accountant import VolumeAccountant
-from fedcmd.codecs import with_error_feedback
+from fedcmd.checkpoint import CheckpointError, array_entry, by_round, entry, load_part, within
+from fedcmd.codecs import CodecError, describe, with_error_feedback
 from fedcmd.config import client_keys
 from fedcmd.sampling import sample_cohort
 from fedcmd.wire import (DIRECTIONS, PAYLOAD_KEYS, ReplyError, codec_rng, encoded_record, make_codec,  # noqa: F401
@@ -424,3 +425,78 @@ class FedcmdStrategy(Strategy):
 
     def summary(self) -> None:
         log.info("strategy %s: %d weights, %d buffer values", self.name, self.weights.size, self.buffers.size)
+
+    # ----- checkpoints (fedcmd.checkpoint) ---------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The strategy's state as a tree of JSON values and arrays; a subclass adds its own parts.
+
+        Nothing per client or per node: a resumed run's clients are all new (`load_checkpoint`),
+        so held model versions and acknowledgements start empty, as after `client_reset`. Nor what
+        lives within one round (messages sent, versions sent): a checkpoint is taken between rounds.
+        """
+        b = self.broadcast
+        return {"weights": self.weights, "buffers": self.buffers, "accountant": self.accountant.state_dict(),
+                "rounds": [[r, {**vars(log_), "rejected": [list(x) for x in log_.rejected],
+                                "refused": [list(x) for x in log_.refused]}] for r, log_ in self.rounds.items()],
+                "run_info": dict(self.run_info),
+                "broadcast": None if b is None else {"version": b.version, "arrays": b.arrays},
+                "down_residual": self.down_residual}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Load a `state_dict` into this strategy, freshly built from the checkpoint's config;
+        CheckpointError naming what does not fit (shapes and dtypes against the model, the codecs)."""
+        weights = array_entry(state, "weights", np.float32, self.weights.shape)
+        buffers = array_entry(state, "buffers", np.float32, self.buffers.shape)
+        load_part(state, "accountant", self.accountant.load_state_dict)
+        rounds = by_round(state, "rounds", read_round_log)
+        run_info = entry(state, "run_info", dict)
+        if not all(isinstance(v, str) for v in run_info.values()):
+            raise CheckpointError(f"values must be strings, got {shown(run_info)}", ("run_info",))
+        broadcast = self._read_broadcast(state)
+        if entry(state, "down_residual", object) is None:
+            residual = None
+        elif self.codec_down.name == "topk":
+            residual = array_entry(state, "down_residual", np.float32, self.weights.shape)
+        else:
+            raise CheckpointError(f"a downlink residual, but codec-down is {self.codec_down.name}", ("down_residual",))
+        self.weights, self.buffers, self.rounds, self.run_info = weights.copy(), buffers.copy(), rounds, dict(run_info)
+        self.broadcast, self.down_residual = broadcast, None if residual is None else residual.copy()
+
+    def _read_broadcast(self, state: Mapping[str, Any]) -> Broadcast | None:
+        value = entry(state, "broadcast", object)
+        if value is None:
+            return None
+        with within("broadcast"):
+            if self.codec_down.lossless:
+                raise CheckpointError(f"a broadcast, but codec-down is {self.codec_down.name}")
+            version, payloads = entry(value, "version", int), entry(value, "arrays", dict)
+            if not set(payloads) <= set(PAYLOAD_KEYS):
+                raise CheckpointError(f"payload keys must be among {PAYLOAD_KEYS}, got {shown(sorted(payloads))}")
+            for key, arrays in payloads.items():
+                try:  # a payload the downlink codec decodes, to at most the model's size
+                    length = describe(arrays)[0] if isinstance(arrays, Mapping) else -1
+                    if not 0 <= length <= self.weights.size:
+                        raise CodecError(f"decodes to {length} values, the model has {self.weights.size}")
+                    self.codec_down.decode(arrays, length)
+                except CodecError as err:
+                    raise CheckpointError(f"not a {self.codec_down.name} payload: {err}", (key,)) from err
+        return Broadcast(version, {key: dict(arrays) for key, arrays in payloads.items()})
+
+
+def read_round_log(state: Any) -> RoundLog:
+    """A `RoundLog` from its checkpointed form (`FedcmdStrategy.state_dict`)."""
+    def ids(key: str) -> list[int]:
+        values = entry(state, key, list)
+        if not all(type(v) is int for v in values):
+            raise CheckpointError(f"must be a list of integers, got {shown(values)}", (key,))
+        return values
+
+    def reasons(key: str) -> list[tuple[int, str]]:
+        values = entry(state, key, list)
+        if not all(isinstance(v, list) and len(v) == 2 and type(v[0]) is int and isinstance(v[1], str)
+                   for v in values):
+            raise CheckpointError(f"must be a list of [id, reason], got {shown(values)}", (key,))
+        return [(v[0], v[1]) for v in values]
+
+    return RoundLog(ids("sampled"), ids("sent"), ids("accepted"), reasons("rejected"), reasons("refused"),
+                    entry(state, "train_loss", float), entry(state, "train_seconds", float))

@@ -46,10 +46,11 @@ from flwr.app import RecordDict
 
 from fedcmd import task
 from fedcmd.accountant import fedavg_floats
+from fedcmd.checkpoint import CheckpointError, array_entry, by_round, entry, load_part
 from fedcmd.cmd import EmbeddingSchedule, OnlineCMD  # noqa: F401
 from fedcmd.protocols.cmd import REPLY_METRICS, EmbeddingEvent, encode_events, mode_dtype, rebuild_embedded
 from fedcmd.wire import ReplyError, read_vector, vector_record
-from strategies.base import FedcmdStrategy, Reply, read_int, weighted_mean
+from strategies.base import FedcmdStrategy, Reply, read_int, shown, weighted_mean
 
 
 class CMDUpdate(NamedTuple):
@@ -199,6 +200,66 @@ class CMD(FedcmdStrategy):
         cohort = len(self.cohort(server_round))
         newly = sum(e.index.size for e, r in zip(self.events, self.event_rounds) if r == server_round - 1)
         self.paper_floats[server_round] = 2.0 * cohort * (self.weights.size - self.embedded_index.size + newly)
+
+    # ----- checkpoints -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The base's state, the online statistics and schedule, and the coefficient event log (each
+        event's weights, coefficients and modes, concatenated, and the round after which it
+        happened); the embedded mask, the reference indices and the layout are rebuilt from them."""
+        def parts(name: str, dtype: type) -> np.ndarray:
+            return np.concatenate([np.zeros(0, dtype), *(getattr(e, name) for e in self.events)])
+
+        events = {"sizes": np.array([e.index.size for e in self.events], dtype=np.int64),
+                  "index": parts("index", np.int64), "a": parts("a", np.float32), "b": parts("b", np.float32),
+                  "mode": parts("mode", mode_dtype(self.n_modes)), "rounds": list(self.event_rounds)}
+        return {**super().state_dict(), "online": self.online.state_dict(), "schedule": self.schedule.state_dict(),
+                "events": events, "references_held": self.references_held,
+                "paper_floats": [[r, v] for r, v in self.paper_floats.items()]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        load_part(state, "online", self.online.load_state_dict)
+        load_part(state, "schedule", self.schedule.load_state_dict)
+        if self.online.ready:
+            self.reference_index = np.asarray(self.online.reference_index, dtype=np.int64)
+        load_part(state, "events", self._load_events)
+        schedule_mask = state["schedule"]["embedded_mask"]
+        if (self.online.ready and not np.array_equal(self.online.frozen_mask, self.embedded)) or \
+                (schedule_mask.size and not np.array_equal(schedule_mask, self.embedded)):
+            raise CheckpointError("the events' weights are not the ones the online statistics and the schedule "
+                                  "froze", ("events",))
+        self.references_held = entry(state, "references_held", bool)
+        self.paper_floats = by_round(state, "paper_floats", float)
+
+    def _load_events(self, state: dict[str, Any]) -> None:
+        n, modes = self.weights.size, self.reference_index.size
+        sizes = array_entry(state, "sizes", np.int64, (None,))
+        total = int(sizes.sum())
+        index = array_entry(state, "index", np.int64, (total,))
+        a, b = (array_entry(state, key, np.float32, (total,)) for key in ("a", "b"))
+        mode = array_entry(state, "mode", mode_dtype(self.n_modes), (total,))
+        rounds = entry(state, "rounds", list)
+        if len(rounds) != sizes.size or not all(type(r) is int for r in rounds) or rounds != sorted(set(rounds)):
+            raise CheckpointError(f"must be {sizes.size} increasing rounds, got {shown(rounds)}", ("rounds",))
+        if sizes.size and not self.online.ready:
+            raise CheckpointError("embedding events before the CMD fit of the online statistics")
+        if (sizes < 1).any():
+            raise CheckpointError("an event embeds no weight", ("sizes",))
+        embedded = np.zeros(n, dtype=bool)
+        starts = np.cumsum(sizes) - sizes
+        for start, size in zip(starts, sizes):
+            event = index[start:start + size]
+            if event.min() < 0 or event.max() >= n or (np.diff(event) <= 0).any():
+                raise CheckpointError(f"each event's weights must be ascending indices in [0, {n})", ("index",))
+            embedded[event] = True
+        if int(embedded.sum()) != total or embedded[self.reference_index].any():
+            raise CheckpointError("a weight is embedded twice, or a reference weight is embedded", ("index",))
+        if total and int(mode.max()) >= modes:
+            raise CheckpointError(f"modes must lie in [0, {modes})", ("mode",))
+        self.events = [EmbeddingEvent(index[i:i + k], a[i:i + k], b[i:i + k], mode[i:i + k])
+                       for i, k in zip(starts, sizes)]
+        self.event_rounds, self.embedded = list(rounds), embedded
+        self._refresh_layout()
 
     # ----- reporting ---------------------------------------------------------------------------
     def round_metrics(self, server_round: int) -> dict[str, float]:

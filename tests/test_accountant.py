@@ -53,7 +53,7 @@ def test_csv_and_state_round_trip(tmp_path):
     acc.write_csv(tmp_path / "v.csv")
     assert VolumeAccountant.read_csv(tmp_path / "v.csv").rows == acc.rows
     other = VolumeAccountant()
-    other.load_state(acc.state())
+    other.load_state_dict(acc.state_dict())
     assert other.rows == acc.rows
 
 

@@ -1,13 +1,24 @@
-"""Checkpoints: a run interrupted and resumed ends exactly where an uninterrupted run does."""
+"""Checkpoints: a run interrupted and resumed ends exactly where an uninterrupted run does; a checkpoint
+is JSON and arrays without pickle, and one that does not fit the run is refused, naming what is wrong."""
 
 import csv
+import json
+import os
+import pickle
+import re
+import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 
-from fedcmd.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
+from fedcmd.checkpoint import (ARRAY, CHECKPOINT_NAME, LEGACY_NAME, Checkpoint, CheckpointError, checkpoint_files,
+                               load_checkpoint, save_checkpoint, split_arrays)
 from fedcmd.cli import main
 from fedcmd.client_app import app as client_app
+from fedcmd.config import SetupError
 from fedcmd.engine import LocalGrid, run_inprocess
+from fedcmd.server import check_out_dir
 
 # Columns that must agree to the last digit (timings may not).
 SAME = ("round", "accuracy", "loss", "train_loss", "sampled", "accepted", "rejected", "mb_cumulative")
@@ -103,7 +114,8 @@ def test_a_finished_run_extended_by_resume_matches_the_longer_run(config, tmp_pa
 
 def test_checkpoint_holds_the_run_without_stale_node_maps(config, tmp_path):
     run_inprocess(dict(config, **{"num-server-rounds": 2}), tmp_path, progress=False)
-    assert sorted(p.name for p in tmp_path.iterdir() if "checkpoint" in p.name) == [CHECKPOINT_NAME]
+    assert sorted(p.name for p in tmp_path.iterdir() if "checkpoint" in p.name) == [CHECKPOINT_NAME,
+                                                                                     "checkpoint.round-2.npz"]
     ckpt = load_checkpoint(tmp_path, config)
     assert ckpt.server_round == 2 and [m["round"] for m in ckpt.metrics] == [0, 1, 2]
     assert ckpt.strategy.node_of == {} and ckpt.strategy.partition_of == {}
@@ -119,7 +131,7 @@ def test_resume_refuses_a_missing_checkpoint_or_a_different_config(config, tmp_p
         load_checkpoint(tmp_path, dict(config, lr=0.01))
     with pytest.raises(CheckpointError, match="past num-server-rounds"):
         load_checkpoint(tmp_path, dict(config, **{"num-server-rounds": 1}))
-    (tmp_path / CHECKPOINT_NAME).write_bytes(b"not a pickle")
+    (tmp_path / CHECKPOINT_NAME).write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="not a readable"):
         load_checkpoint(tmp_path, config)
 
@@ -152,7 +164,7 @@ def test_cmd_resumes_after_embedding_events_with_restarted_clients(small_config,
 
 
 def test_aggressive_apf_resumes_with_restarted_clients(small_config, tmp_path):
-    """A-APF's controller (with its random-freeze generator) comes back from the pickle as it was."""
+    """A-APF's controller (with its random-freeze generator) comes back from the checkpoint as it was."""
     config = dict(small_config, **{"strategy": "a-apf", "num-server-rounds": 7, "apf-threshold": 0.3,
                                    "local-epochs": 1})
     whole = run_inprocess(config, tmp_path / "whole", progress=False)
@@ -164,3 +176,171 @@ def test_aggressive_apf_resumes_with_restarted_clients(small_config, tmp_path):
     accuracy = lambda out: [m["accuracy"] for m in results(out)[0]]
     assert accuracy(tmp_path / "cut") == accuracy(tmp_path / "whole")
     assert cut["frozen_fraction_mean"] == whole["frozen_fraction_mean"]
+
+
+# ----- the format: JSON and arrays, no pickle; what does not fit is refused, naming it -----------------
+def small_run(tmp_path_factory, **keys):
+    """A checkpointed 3-round run (the last round's checkpoint), small enough to build once per module."""
+    from fedcmd.config import resolve
+
+    config = resolve({"dataset": "synthetic", "synthetic-train-size": 200, "synthetic-test-size": 50, "model": "mlp",
+                      "num-clients": 2, "num-server-rounds": 3, "local-epochs": 1, "batch-size": 16, **keys})
+    out = tmp_path_factory.mktemp(keys["strategy"])
+    run_inprocess(config, out, progress=False)
+    return config, out
+
+
+@pytest.fixture(scope="module")
+def cmd_run(tmp_path_factory):
+    # events from round 1 on, and a lossy downlink: a broadcast in the checkpoint
+    return small_run(tmp_path_factory, strategy="cmd", **{"cmd-warmup": 1, "cmd-every": 1, "cmd-fraction": 0.2,
+                                                           "cmd-modes": 2, "cmd-samples": 100, "codec-down": "int8"})
+
+
+@pytest.fixture(scope="module")
+def apf_run(tmp_path_factory):
+    # topk downlink: a broadcast and the server's residual
+    return small_run(tmp_path_factory, strategy="a-apf", **{"apf-threshold": 0.3, "codec-down": "topk"})
+
+
+def array_names(tree):
+    if isinstance(tree, dict):
+        return {tree[ARRAY]} if ARRAY in tree else set().union(*map(array_names, tree.values()))
+    return set().union(*map(array_names, tree)) if isinstance(tree, list) else set()
+
+
+def test_a_checkpoint_is_json_and_arrays_without_pickle(cmd_run):
+    config, out = cmd_run
+    doc = json.loads((out / CHECKPOINT_NAME).read_text())
+    assert (doc["format"], doc["fedcmd_strategy"], doc["server_round"], doc["config"]) == (2, "cmd", 3, config)
+    with np.load(out / doc["arrays"], allow_pickle=False) as archive:
+        arrays = {key: archive[key] for key in archive.files}
+    assert not any(a.dtype.hasobject for a in arrays.values())
+    assert str(arrays.pop("checkpoint-token")) == doc["token"]
+    assert array_names(doc) == set(arrays)  # every array is named by the json, and only those
+    assert {"weights", "accountant", "rounds", "broadcast", "online", "schedule", "events"} <= set(doc["strategy"])
+    assert arrays["strategy/events/sizes"].size >= 1 and doc["strategy"]["broadcast"] is not None
+
+
+@pytest.mark.parametrize("run", ["cmd_run", "apf_run"])
+def test_a_loaded_strategy_gives_back_the_state_it_was_loaded_from(run, request):
+    config, out = request.getfixturevalue(run)
+    doc = json.loads((out / CHECKPOINT_NAME).read_text())
+    with np.load(out / doc["arrays"], allow_pickle=False) as archive:
+        arrays = {key: archive[key] for key in archive.files}
+    tree, again = split_arrays({"strategy": load_checkpoint(out, config).strategy.state_dict()})
+    assert json.dumps(tree["strategy"]) == json.dumps(doc["strategy"])  # NaN included
+    assert set(again) == {k for k in arrays if k.startswith("strategy/")}
+    for key, value in again.items():
+        assert value.dtype == arrays[key].dtype and np.array_equal(value, arrays[key]), key
+
+
+def tampered(run, folder, edit_json=None, edit_arrays=None):
+    """A copy of a run's folder, its checkpoint edited."""
+    config, out = run
+    shutil.copytree(out, folder)
+    doc = json.loads((folder / CHECKPOINT_NAME).read_text())
+    if edit_arrays is not None:
+        with np.load(folder / doc["arrays"], allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+        edit_arrays(arrays)
+        np.savez(folder / doc["arrays"], **arrays)
+    if edit_json is not None:
+        edit_json(doc)
+        (folder / CHECKPOINT_NAME).write_text(json.dumps(doc))
+    return folder
+
+
+def shorten(key):
+    return lambda arrays: arrays.update({key: arrays[key][:-1]})
+
+
+def delete(*keys):
+    def edit(tree):
+        for key in keys[:-1]:
+            tree = tree[key]
+        del tree[keys[-1]]
+    return edit
+
+
+@pytest.mark.parametrize("edit_json, edit_arrays, says", [
+    (None, shorten("strategy/weights"), r"strategy\.weights: has shape \(\d+,\), expected \(\d+,\)"),
+    (None, lambda a: a.update({"strategy/events/a": a["strategy/events/a"].astype(np.float64)}),
+     r"strategy\.events\.a: must be float32, got float64"),
+    (None, lambda a: a.update({"strategy/online/a": np.zeros(3)}), r"strategy\.online: state\['a'\] has shape \(3,\)"),
+    (None, lambda a: a["strategy/events/index"].__setitem__(0, 10**6),
+     r"strategy\.events\.index: each event's weights must be ascending indices in \[0, \d+\)"),
+    (None, lambda a: a["strategy/accountant/direction"].__setitem__(0, "side"),
+     r"strategy\.accountant\.direction: unknown values \['side'\]"),
+    (None, delete("strategy/events/mode"), "refers to an array 'strategy/events/mode' that the array file does not hold"),
+    (None, lambda a: a.update({"checkpoint-token": np.array("0" * 32)}), "their tokens differ"),
+    (lambda d: d.update(format=3), None, r"is not a fedcmd checkpoint of format 2 \(its format is 3\)"),
+    (delete("strategy", "rounds"), None, r"strategy\.rounds: missing"),
+    (delete("strategy", "online", "n_observed"), None, r"strategy\.online: state is missing \['n_observed'\]"),
+    (delete("rng"), None, r"damaged: rng: missing"),
+    (lambda d: d["strategy"].update(rounds=d["strategy"]["rounds"][:-1]), None,
+     r"strategy\.rounds: logs rounds \[1, 2\]\.\.\., expected 1\.\.3"),
+    (lambda d: d.update(fedcmd_strategy="fedavg"), None, "holds a 'fedavg' strategy, the config builds 'cmd'"),
+    (lambda d: d.update(arrays="../elsewhere.npz"), None, r"arrays: must name a file checkpoint\.round-<r>\.npz"),
+])
+def test_a_tampered_checkpoint_is_refused_naming_the_problem(cmd_run, tmp_path, edit_json, edit_arrays, says):
+    config, _ = cmd_run
+    folder = tampered(cmd_run, tmp_path / "copy", edit_json, edit_arrays)
+    with pytest.raises(CheckpointError, match="cannot resume") as err:
+        load_checkpoint(folder, config)
+    assert re.search(says, str(err.value)), str(err.value)
+
+
+class WritesAFile:
+    """A pickle that, when loaded, creates a file: what loading a pickle someone hands you can do."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
+
+
+def test_a_pickle_is_refused_unread(cmd_run, tmp_path):
+    config, _ = cmd_run
+    marker = tmp_path / "pickle-was-loaded"
+    payload = pickle.dumps(WritesAFile(marker))
+    # in place of the arrays
+    folder = tampered(cmd_run, tmp_path / "npz")
+    (folder / json.loads((folder / CHECKPOINT_NAME).read_text())["arrays"]).write_bytes(payload)
+    with pytest.raises(CheckpointError, match="is not readable without pickle"):
+        load_checkpoint(folder, config)
+    # a checkpoint of an older fedcmd, alone in its folder
+    folder = tmp_path / "old"
+    folder.mkdir()
+    (folder / LEGACY_NAME).write_bytes(payload)
+    with pytest.raises(CheckpointError, match="checkpoint of an older fedcmd format .* start a new run"):
+        load_checkpoint(folder, config)
+    with pytest.raises(SetupError, match=r"holds a checkpointed run \(checkpoint.pkl\)"):
+        check_out_dir(folder, resume=False, overwrite=False)
+    assert not marker.exists()
+    pickle.loads(payload)  # the payload was a real one
+    assert marker.exists()
+
+
+def test_a_crash_before_the_json_is_renamed_leaves_the_previous_checkpoint(cmd_run, tmp_path, monkeypatch):
+    config, _ = cmd_run
+    folder = tampered(cmd_run, tmp_path / "copy")
+    before = {p.name: p.read_bytes() for p in checkpoint_files(folder)}
+    checkpoint = load_checkpoint(folder, config)
+    replace = os.replace
+
+    def crash_at_the_commit(src, dst):
+        if Path(dst).name == CHECKPOINT_NAME:
+            raise Crash("killed while saving")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_at_the_commit)
+    with pytest.raises(Crash):
+        save_checkpoint(folder, Checkpoint(config, 4, checkpoint.strategy, checkpoint.metrics, 1.0))
+    monkeypatch.undo()
+    assert {p.name for p in checkpoint_files(folder)} == {*before, "checkpoint.round-4.npz", CHECKPOINT_NAME + ".tmp"}
+    assert {name: (folder / name).read_bytes() for name in before} == before
+    assert load_checkpoint(folder, config).server_round == 3
+    save_checkpoint(folder, Checkpoint(config, 3, checkpoint.strategy, checkpoint.metrics, 1.0))
+    assert [p.name for p in checkpoint_files(folder)] == [CHECKPOINT_NAME, "checkpoint.round-3.npz"]

@@ -60,7 +60,7 @@ def test_a_refused_run_leaves_its_folder_as_it_was(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["run", *SMALL, "--out", str(out)]) == 0
     before = folder_state(out)
-    assert {"checkpoint.pkl", "summary.json", "config.toml"} <= {str(p) for p in before}
+    assert {"checkpoint.json", "checkpoint.round-2.npz", "summary.json", "config.toml"} <= {str(p) for p in before}
     # A resume with a changed key: refused, and config.toml still says what the run used.
     assert main(["run", *SMALL, "--out", str(out), "--resume", "--set", "lr=0.02"]) == 2
     assert "config key 'lr'" in capsys.readouterr().err
@@ -78,7 +78,8 @@ def test_a_refused_run_leaves_its_folder_as_it_was(tmp_path, capsys):
     assert [row["round"] for row in read_csv(out / "metrics.csv")] == ["0", "1", "2"]
     after = folder_state(out)
     assert after.keys() == before.keys()
-    assert all(after[p] != before[p] for p in after if p.name in ("checkpoint.pkl", "metrics.csv", "summary.json"))
+    replaced = ("checkpoint.json", "checkpoint.round-2.npz", "metrics.csv", "summary.json")
+    assert all(after[p] != before[p] for p in after if p.name in replaced)
 
 
 def test_tables_are_written_round_by_round(small_config, tmp_path):

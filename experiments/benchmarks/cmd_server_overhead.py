@@ -15,7 +15,7 @@ wire_size), parse_reply, aggregate (weighted_mean, advance_cmd: online_observe, 
 schedule_step, refresh_layout, rebuild_embedded), global_arrays. Each figure is self time: the
 components add up to the strategy time. Also the checkpoint write per round (seconds, bytes):
 fedcmd.server writes it after taking round_seconds, so it is in neither figure; the tables also give
-the ratio against round + checkpoint, and what the checkpoint pickle is made of.
+the ratio against round + checkpoint, and what the checkpoint is made of.
 
     .venv/bin/python experiments/benchmarks/cmd_server_overhead.py [--quick] [--case lenet5] [--case resnet18]
         [--rounds 12] [--warmup 5] [--set key=value ...] [--cprofile]
@@ -30,8 +30,8 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import json
 import os
-import pickle
 import pstats
 import tempfile
 import time
@@ -44,6 +44,7 @@ import fedcmd.accountant
 import fedcmd.engine
 import fedcmd.server
 from benchtools import PhaseTimers, command_line, default_out, machine, mb, wrap_cmd_strategy, write_outputs
+from fedcmd.checkpoint import split_arrays
 from fedcmd.config import load_config
 from fedcmd.engine import LocalGrid, run_inprocess
 from fedcmd.report import read_rows
@@ -84,7 +85,7 @@ class Probe:
         t.wrap(fedcmd.server, "discover_nodes", "discover", before=lambda args, kw: setattr(t, "round", int(args[2])))
         t.wrap(fedcmd.server, "make_strategy", after=lambda result, *_: setattr(self, "strategy", result))
         t.wrap(fedcmd.server, "save_checkpoint", "checkpoint",
-               after=lambda path, *_: self.checkpoint_bytes.__setitem__(t.round, os.path.getsize(path)))
+               after=lambda paths, *_: self.checkpoint_bytes.__setitem__(t.round, sum(map(os.path.getsize, paths))))
         t.wrap(CentralEvaluator, "__call__", "evaluate")
         t.wrap(LocalGrid, "send_and_receive")
         t.wrap(fedcmd.engine, "_wire", "serialise")
@@ -93,12 +94,13 @@ class Probe:
 
 
 def checkpoint_parts(strategy: CMD) -> dict[str, int]:
-    """Pickled bytes of the strategy's largest parts (what every per-round checkpoint rewrites)."""
-    parts = {name: getattr(strategy, name) for name in
-             ("weights", "buffers", "online", "schedule", "events", "embedded", "embedded_index", "free_index",
-              "emb_a", "emb_b", "emb_mode", "accountant", "rounds", "sent", "acked") if hasattr(strategy, name)}
-    sizes = {name: len(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)) for name, value in parts.items()}
-    sizes["whole strategy"] = len(pickle.dumps(strategy, protocol=pickle.HIGHEST_PROTOCOL))
+    """Bytes of the strategy's checkpointed parts (what every per-round checkpoint rewrites): their
+    arrays and their JSON."""
+    sizes = {}
+    for name, part in strategy.state_dict().items():
+        tree, arrays = split_arrays(part)
+        sizes[name] = len(json.dumps(tree)) + sum(a.nbytes for a in arrays.values())
+    sizes["whole strategy"] = sum(sizes.values())
     return dict(sorted(sizes.items(), key=lambda kv: -kv[1]))
 
 
@@ -204,7 +206,7 @@ def markdown(result: dict) -> str:
                   "| component | s/round | share of strategy time |", "|---|---|---|"]
         for label, seconds in c["strategy_components_mean"].items():
             lines.append(f"| {label} | {seconds:.4f} | {seconds / total:.1%} |")
-        lines += ["", "Checkpoint pickle by part (after the last round):", "", "| part | bytes |", "|---|---|"]
+        lines += ["", "Checkpoint by part (after the last round):", "", "| part | bytes |", "|---|---|"]
         for part, size in c["checkpoint_parts_bytes"].items():
             lines.append(f"| {part} | {mb(size)} |")
     return "\n".join(lines) + "\n"

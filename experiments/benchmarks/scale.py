@@ -13,7 +13,7 @@ experiments/fmnist_lenet5_cmd.toml (Fashion-MNIST, LeNet-5) with num-clients 100
   engine, read from every node's context.state after the run, summing
   `CoefficientStore.load(ctx, n).nbytes()` over the clients whose store holds embedded weights,
   divided by their embedded counts (also the raw bytes of the stored arrays, npy headers included).
-  With either engine, the same figure is derived from the server's log (the checkpointed strategy):
+  With either engine, the same figure is derived from the server's log (its strategy after the run):
   a store rebuilt from events [0, acked version) of each client; in-process the two must agree.
 
     .venv/bin/python experiments/benchmarks/scale.py [--quick] [--engine inprocess|ray] [--clients 1000]
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 import tempfile
 import time
 from pathlib import Path
@@ -40,7 +39,6 @@ import fedcmd.server
 from benchtools import (PhaseTimers, TreeMemorySampler, command_line, default_out, machine, mb, rusage_peaks,
                         write_outputs)
 from clients.cmd import STORE_KEY, CoefficientStore
-from fedcmd.checkpoint import CHECKPOINT_NAME
 from fedcmd.config import load_config
 from fedcmd.engine import LocalGrid, run_inprocess, run_ray
 from fedcmd.report import read_rows
@@ -96,6 +94,8 @@ def run(config: dict, engine: str) -> dict:
     timers.wrap(fedcmd.server, "discover_nodes", "discover",
                 before=lambda args, kw: setattr(timers, "round", int(args[2])))
     timers.wrap(fedcmd.server, "save_checkpoint", "checkpoint")
+    server = {}  # the strategy the server loop drives (it runs in this process with either engine)
+    timers.wrap(fedcmd.server, "make_strategy", after=lambda result, *_: server.__setitem__("strategy", result))
     timers.wrap(CentralEvaluator, "__call__", "evaluate")
     if engine == "ray":
         os.environ.setdefault("FLWR_HOME", str(REPO / ".flwr"))
@@ -112,8 +112,7 @@ def run(config: dict, engine: str) -> dict:
                 summary = run_ray(config, out, progress=True)
             wall = time.perf_counter() - start
             metrics = read_rows(Path(out) / "metrics.csv")
-            with open(Path(out) / CHECKPOINT_NAME, "rb") as fh:  # our own file: the last round's strategy
-                strategy = pickle.load(fh)["checkpoint"].strategy
+            strategy = server["strategy"]  # as the last round left it
     finally:
         timers.restore()
     rounds = []
