@@ -31,12 +31,12 @@ from flwr.app import Array, ArrayRecord, Context, RecordDict
 from torch import nn
 
 from fedcmd import task
-from fedcmd.checkpoint import write_atomically
+from fedcmd.codecs import with_error_feedback
 from fedcmd.config import keeps_local_state
+from fedcmd.files import write_atomically
 from fedcmd.flat import ParamLayout
 from fedcmd.sampling import local_seed
 from fedcmd.training import BatchStream, default_device, epoch_batches, make_optimizer, run_steps
-from fedcmd.codecs import with_error_feedback
 from fedcmd.wire import codec_rng, encoded_record, make_codec, read_encoded, read_vector, vector_record
 
 STATE_KEY = "local-training"

@@ -39,6 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedcmd.files import write_atomically
+
 CHECKPOINT_NAME = "checkpoint.json"
 LEGACY_NAME = "checkpoint.pkl"  # fedcmd's format 1, a pickle: refused, never opened
 FORMAT = 2
@@ -223,17 +225,6 @@ def restore_rng(state: Any) -> None:
 
 
 # ----- saving and loading ------------------------------------------------------------------------
-def write_atomically(path: Path, write: Callable[[Any], None]) -> None:
-    """Write a file with `write(binary file)` through a temporary file, fsync and a rename: a crash
-    leaves the previous file, never half a new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def _fsync_folder(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
