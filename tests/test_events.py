@@ -1,14 +1,18 @@
 """A run's events (events.jsonl, `fedcmd.events`): written in order as an in-process run goes, strict
-JSON, appended by a resumed run; the CLI's progress lines are made from them. A few seconds."""
+JSON, appended by a resumed run; the CLI's progress lines are made from them; deploy follows them
+(`fedcmd.deploy.follow_events`) to learn that a run finished or failed. A few seconds."""
 
 import hashlib
 import json
 import math
+import threading
+import time
 
 import pytest
 
 from fedcmd.cli import main
 from fedcmd.client_app import app as client_app
+from fedcmd.deploy import DeploymentError, follow_events, run_summary
 from fedcmd.engine import LocalGrid, run_inprocess
 from fedcmd.events import (EVENTS_NAME, ROUND_FINISHED, RUN_FAILED, RUN_FINISHED, RUN_STARTED, EventFollower,
                            EventLog, progress_line, read_events)
@@ -140,3 +144,54 @@ def test_the_follower_reads_whole_lines_as_they_come(tmp_path):
     assert follower.poll() == [{"event": ROUND_FINISHED, "round": 1}]
     EventLog(path, append=False).emit(RUN_STARTED)  # a new run starts the file afresh: read from its start
     assert [e["event"] for e in follower.poll()] == [RUN_STARTED]
+
+
+def write_run(path, names, pause=0.05):
+    """Another process's run, in a thread: events written one by one."""
+    def run():
+        log = EventLog(path, append=False)
+        for name in names:
+            time.sleep(pause)
+            log.emit(name, round=1, error="RuntimeError: out of disk", summary_path=str(path.parent / "summary.json"))
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_deploy_follows_a_run_to_its_end(tmp_path):
+    path = tmp_path / EVENTS_NAME
+    (tmp_path / "summary.json").write_text('{"rounds": 1}')
+    seen = []
+    writer = write_run(path, [RUN_STARTED, ROUND_FINISHED, RUN_FINISHED])
+    end = follow_events(EventFollower(path), ended=lambda: None, timeout=30, on_event=seen.append, every=0.01)
+    writer.join()
+    assert [e["event"] for e in seen] == [RUN_STARTED, ROUND_FINISHED, RUN_FINISHED] and end is seen[-1]
+    assert run_summary(end, tmp_path / "flwr-run.log") == {"rounds": 1}
+
+
+def test_deploy_reports_a_failed_run_with_its_error(tmp_path):
+    path = tmp_path / EVENTS_NAME
+    writer = write_run(path, [RUN_STARTED, ROUND_FINISHED, RUN_FAILED])
+    end = follow_events(EventFollower(path), ended=lambda: None, timeout=30, every=0.01)
+    writer.join()
+    with pytest.raises(DeploymentError, match=r"the run failed after round 1: RuntimeError: out of disk; see .*flwr-run"):
+        run_summary(end, tmp_path / "flwr-run.log")
+
+
+def test_deploy_fails_a_run_that_ends_without_an_end_event(tmp_path):
+    path = tmp_path / EVENTS_NAME
+    EventLog(path, append=False).emit(RUN_STARTED)
+    seen, calls = [], []
+
+    def ended():  # e.g. the SuperLink exited, or records the run finished:failed
+        calls.append(1)
+        return "run 7 ended finished:failed (ServerApp failed with exception: boom)" if len(calls) > 2 else None
+
+    with pytest.raises(DeploymentError, match="ServerApp failed with exception: boom"):
+        follow_events(EventFollower(path), ended=ended, timeout=30, on_event=seen.append, every=0.01)
+    assert [e["event"] for e in seen] == [RUN_STARTED]
+    # An end event written before the process went is read, not taken for a lost run.
+    EventLog(path, append=True).emit(RUN_FINISHED, summary_path="x")
+    assert follow_events(EventFollower(path), ended=lambda: "gone", timeout=30, every=0.01)["event"] == RUN_FINISHED
+    with pytest.raises(DeploymentError, match="did not end within 0.05 s"):
+        follow_events(EventFollower(tmp_path / "none.jsonl"), ended=lambda: None, timeout=0.05, every=0.01)
