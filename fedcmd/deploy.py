@@ -21,9 +21,14 @@ Decisions:
   DIR/deploy/flwr-home so a deployment never touches ~/.flwr or another deployment's state.
 - Flower fuses `--run-config` with the app's `[tool.flwr.app.config]` and refuses keys that table
   lacks, so the app is submitted from a generated folder (DIR/deploy/app) whose pyproject.toml
-  declares every fedcmd config key (with its default) plus `out-dir`; the code in it is a copy of
-  this checkout's packages. The run config is the resolved experiment config, the same dict a
-  simulation runs.
+  declares every fedcmd config key (with its default) plus `out-dir`. The run config is the
+  resolved experiment config, the same dict a simulation runs.
+- The app folder holds what Flower's own builder (`build_fab_from_files`, what `flwr build` and
+  `flwr run` use) makes of the packages pyproject.toml declares (`[tool.setuptools.packages.find]`:
+  what `pip install .` installs), whole trees with their subpackages: Flower's file rules apply
+  (Python, TOML, Markdown, JSON, YAML; no __pycache__ or test_*.py; the repository's .gitignore
+  respected; at most 10 MB). Not the whole checkout, as `flwr run .` would ship: experiments/
+  (scripts, configs and results) is no part of the app, and SuperNodes would receive it every run.
 - The run is submitted with `flwr run --format json`, which answers the run id; `flwr log RUN-ID
   --stream` writes the run's log to flwr-run.log. Progress, and how the run ended, come from the
   run's events, not from its log text: the run is over at its run_finished or run_failed event
@@ -49,6 +54,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import ipaddress
+import io
 import json
 import os
 import shutil
@@ -59,7 +65,9 @@ import sys
 import threading
 import time
 import tomllib
+import zipfile
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any, Callable
 
@@ -70,7 +78,6 @@ from fedcmd.events import ENDS, EVENTS_NAME, ROUND_FINISHED, RUN_FAILED, Event, 
 LOOPBACK = "127.0.0.1"
 CONNECTION = "fedcmd-local"
 PROJECT = Path(__file__).resolve().parents[1]
-APP_PACKAGES = ("fedcmd", "strategies", "clients")
 
 
 class DeploymentError(RuntimeError):
@@ -295,24 +302,45 @@ def make_credentials(folder: str | Path, num_nodes: int, *, days: int = 30) -> C
 
 
 # ----- the app as Flower receives it -------------------------------------------------------------
-def write_app(folder: Path) -> Path:
-    """A copy of the fedcmd app whose pyproject.toml declares every config key, plus `out-dir`."""
-    import tomli_w
+def app_packages(root: Path, pyproject: dict[str, Any]) -> list[str]:
+    """The top-level packages in `root` that its pyproject.toml declares (`[tool.setuptools.packages.find]`)."""
+    find = pyproject["tool"]["setuptools"]["packages"]["find"]
+    matches = lambda name, key: any(fnmatch(name, pattern) for pattern in find.get(key, ()))
+    return sorted(d.name for d in root.iterdir() if d.is_dir() and d.name.isidentifier()
+                  and matches(d.name, "include") and not matches(d.name, "exclude"))
 
+
+def write_app(folder: Path, project: Path = PROJECT) -> Path:
+    """The fedcmd app as Flower packages it (see the module docstring): the FAB that Flower's builder
+    makes of the packages `project` declares and of a pyproject.toml declaring every config key plus
+    `out-dir`, unpacked into `folder`."""
+    import tomli_w
+    from flwr.cli.build import build_fab_from_files
+
+    declared = tomllib.loads((project / "pyproject.toml").read_text())
+    app = declared["tool"]["flwr"]["app"]
+    app["config"] = {**DEFAULTS, "out-dir": ""}
+    pyproject = {"build-system": declared["build-system"], "project": declared["project"],
+                 "tool": {"flwr": {"app": app}}}
+    pyproject["project"].pop("readme", None)  # the README is not part of the app
+    files: dict[str, bytes | Path] = {"pyproject.toml": tomli_w.dumps(pyproject).encode()}
+    if (project / ".gitignore").is_file():
+        files[".gitignore"] = project / ".gitignore"
+    for package in app_packages(project, declared):
+        for path in sorted((project / package).rglob("*")):
+            if path.is_file() and not path.is_symlink():
+                files[path.relative_to(project).as_posix()] = path
+    try:
+        fab, _ = build_fab_from_files(files)
+    except ValueError as err:
+        raise DeploymentError(f"Flower cannot package the app: {err}") from err
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    for package in APP_PACKAGES:
-        for source in (PROJECT / package).glob("*.py"):
-            (folder / package).mkdir(exist_ok=True)
-            shutil.copy2(source, folder / package / source.name)
-    project = tomllib.loads((PROJECT / "pyproject.toml").read_text())
-    app = project["tool"]["flwr"]["app"]
-    app["config"] = {**DEFAULTS, "out-dir": ""}
-    pyproject = {"build-system": project["build-system"], "project": project["project"],
-                 "tool": {"flwr": {"app": app}}}
-    pyproject["project"].pop("readme", None)  # the README is not part of the app
-    (folder / "pyproject.toml").write_text(tomli_w.dumps(pyproject))
+    with zipfile.ZipFile(io.BytesIO(fab)) as archive:
+        for name in archive.namelist():
+            if not name.startswith(".info/"):  # the FAB's manifest: Flower writes it anew when it packs the folder
+                archive.extract(name, folder)
     return folder
 
 
