@@ -10,10 +10,10 @@ import time
 
 import pytest
 
+import fedcmd.server as server
 from fedcmd.cli import main
-from fedcmd.client_app import app as client_app
 from fedcmd.deploy import DeploymentError, follow_events, run_summary
-from fedcmd.engine import LocalGrid, run_inprocess
+from fedcmd.engine import run_inprocess
 from fedcmd.events import (EVENTS_NAME, ROUND_FINISHED, RUN_FAILED, RUN_FINISHED, RUN_STARTED, EventFollower,
                            EventLog, progress_line, read_events)
 from fedcmd.report import read_rows
@@ -34,18 +34,16 @@ def strict_lines(path):
     return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
 
 
-def interrupted_at(round_to_fail, num_nodes):
-    grid = LocalGrid(client_app, num_nodes)
-    original = grid.send_and_receive
+def interrupt_at(monkeypatch, server_round):
+    """The server stops as a user's Ctrl-C would, when round `server_round` begins."""
+    discover = server.discover_nodes
 
-    def send(messages, *, timeout=None):
-        messages = list(messages)
-        if messages and messages[0].metadata.group_id == str(round_to_fail):
-            raise KeyboardInterrupt  # as a user's Ctrl-C in that round would
-        return original(messages, timeout=timeout)
+    def interrupted(grid, strategy, rnd, *args):
+        if rnd == server_round:
+            raise KeyboardInterrupt
+        return discover(grid, strategy, rnd, *args)
 
-    grid.send_and_receive = send
-    return grid
+    monkeypatch.setattr(server, "discover_nodes", interrupted)
 
 
 def test_an_in_process_run_writes_its_events_in_order(config, tmp_path):
@@ -76,9 +74,11 @@ def test_an_in_process_run_writes_its_events_in_order(config, tmp_path):
     assert finished["summary"] == json.loads((tmp_path / "summary.json").read_text())
 
 
-def test_a_failed_run_says_why_and_a_resumed_run_appends(config, tmp_path):
+def test_a_failed_run_says_why_and_a_resumed_run_appends(config, tmp_path, monkeypatch):
+    interrupt_at(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
-        run_inprocess(config, tmp_path, progress=False, grid=interrupted_at(2, 3))
+        run_inprocess(config, tmp_path, progress=False)
+    monkeypatch.undo()
     first = read_events(tmp_path / EVENTS_NAME)
     assert [e["event"] for e in first] == [RUN_STARTED, ROUND_FINISHED, RUN_FAILED]
     assert (first[-1]["round"], first[-1]["error"]) == (1, "KeyboardInterrupt: ")
