@@ -33,7 +33,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from fedcmd.engine import run_inprocess
 
         run_inprocess(config, out, resume=args.resume, overwrite=args.overwrite)
-    print(f"[fedcmd] outputs in {out}/ (summary.json, metrics.csv, volume.csv, partitions.csv, run.png)")
+    print(f"[fedcmd] outputs in {out}/ (summary.json, metrics.csv, volume.csv, partitions.csv, events.jsonl, run.png)")
     return 0
 
 

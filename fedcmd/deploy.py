@@ -6,9 +6,10 @@
 
 `run` starts a SuperLink and one SuperNode per partition (`--node-config "partition-id=K
 num-partitions=N"`, N = num-clients), submits the fedcmd app with the experiment config as its run
-config, waits for the run's outputs in DIR, and stops every process it started, by PID, whatever
-happens. It leaves in DIR/deploy/ the logs of every process (superlink.log, supernode-K.log,
-flwr-run.log), the SuperLink's record of the run (superlink-run.json: status, traffic, compute time),
+config, follows the run's events (DIR/events.jsonl, `fedcmd.events`) to report its progress and to
+learn that it finished or failed, and stops every process it started, by PID, whatever happens. It
+leaves in DIR/deploy/ the logs of every process (superlink.log, supernode-K.log, flwr-run.log: the
+run's log stream), the SuperLink's record of the run (superlink-run.json: status, traffic, compute time),
 the generated app folder and run config, the Flower home (FLWR_HOME) and, with --tls/--auth, the
 credentials it made. `credentials` makes what --tls/--auth need for a deployment run by hand; `app`
 writes the app folder and run-config file to give `flwr run` by hand (experiments/deploy/README.md).
@@ -20,9 +21,20 @@ Decisions:
   DIR/deploy/flwr-home so a deployment never touches ~/.flwr or another deployment's state.
 - Flower fuses `--run-config` with the app's `[tool.flwr.app.config]` and refuses keys that table
   lacks, so the app is submitted from a generated folder (DIR/deploy/app) whose pyproject.toml
-  declares every fedcmd config key (with its default) plus `out-dir`; the code in it is a copy of
-  this checkout's packages. The run config is the resolved experiment config, the same dict a
-  simulation runs.
+  declares every fedcmd config key (with its default) plus `out-dir`. The run config is the
+  resolved experiment config, the same dict a simulation runs.
+- The app folder holds what Flower's own builder (`build_fab_from_files`, what `flwr build` and
+  `flwr run` use) makes of the packages pyproject.toml declares (`[tool.setuptools.packages.find]`:
+  what `pip install .` installs), whole trees with their subpackages: Flower's file rules apply
+  (Python, TOML, Markdown, JSON, YAML; no __pycache__ or test_*.py; the repository's .gitignore
+  respected; at most 10 MB). Not the whole checkout, as `flwr run .` would ship: experiments/
+  (scripts, configs and results) is no part of the app, and SuperNodes would receive it every run.
+- The run is submitted with `flwr run --format json`, which answers the run id; `flwr log RUN-ID
+  --stream` writes the run's log to flwr-run.log. Progress, and how the run ended, come from the
+  run's events, not from its log text: the run is over at its run_finished or run_failed event
+  (that one carries the error). A run that ends without either (refused before it wrote anything,
+  its ServerApp process killed) is failed with the SuperLink's status and its details (Flower
+  puts the ServerApp's exception there); a SuperLink that exits ends the run too.
 - `--tls` gives the SuperLink a certificate for IP:127.0.0.1 signed by a CA made for the deployment;
   nodes and the `flwr` CLI verify it. `--auth` (implies --tls) turns on SuperNode authentication:
   each node gets an ECDSA P-384 key in SSH format whose public half is registered with
@@ -42,9 +54,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import ipaddress
+import io
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -53,18 +65,19 @@ import sys
 import threading
 import time
 import tomllib
+import zipfile
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any, Callable
 
 from fedcmd.binding import BINDING_NAME, write_binding
 from fedcmd.config import DEFAULTS, ConfigError, load_config, to_toml
+from fedcmd.events import ENDS, EVENTS_NAME, ROUND_FINISHED, RUN_FAILED, Event, EventFollower, print_progress
 
 LOOPBACK = "127.0.0.1"
 CONNECTION = "fedcmd-local"
 PROJECT = Path(__file__).resolve().parents[1]
-APP_PACKAGES = ("fedcmd", "strategies", "clients")
-ROUND_LINE = re.compile(r"\[fedcmd\] round (\d+)/(\d+)")
 
 
 class DeploymentError(RuntimeError):
@@ -148,6 +161,50 @@ def flwr_json(args: tuple[str, ...] | list[str], *, env: dict[str, str], cwd: Pa
     if not answer.get("success"):
         raise DeploymentError(f"flwr {' '.join(args)} failed: {done.stdout}{done.stderr}".strip())
     return answer
+
+
+def run_record(run_id: int | str, *, env: dict[str, str], cwd: Path, connection: str | None = None,
+               wait: float = 0.0) -> dict[str, Any]:
+    """The SuperLink's record of a run (`flwr ls --run-id`: status, status-details, traffic, compute
+    time); with `wait`, asked again for up to that many seconds until the run is `finished:...`."""
+    deadline = time.monotonic() + wait
+    while True:
+        args = ["ls", *([connection] if connection else []), "--run-id", str(run_id)]
+        record = flwr_json(args, env=env, cwd=cwd)["runs"][0]
+        if record["status"].startswith("finished") or time.monotonic() >= deadline:
+            return record
+        time.sleep(1.0)
+
+
+def follow_events(follower: EventFollower, *, ended: Callable[[], str | None], timeout: float,
+                  on_event: Callable[[Event], None] | None = None, every: float = 0.5) -> Event:
+    """Follow a run's events until it finishes or fails; returns its run_finished or run_failed event.
+
+    `on_event(event)` is called for every event, as it comes. `ended()` says why the run is over
+    although it wrote no end event (None while it may still write one): DeploymentError with that
+    reason, as after `timeout` seconds. The events are read after asking `ended()`, so an end event
+    written just before the run's process exited is never missed.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        gone = ended()
+        for event in follower.poll():
+            if on_event is not None:
+                on_event(event)
+            if event["event"] in ENDS:
+                return event
+        if gone is not None:
+            raise DeploymentError(gone)
+        if time.monotonic() > deadline:
+            raise DeploymentError(f"the run did not end within {timeout} s")
+        time.sleep(every)
+
+
+def run_summary(end: Event, log_path: Path) -> dict[str, Any]:
+    """The summary a run's end event points at; DeploymentError with the run's error if it failed."""
+    if end["event"] == RUN_FAILED:
+        raise DeploymentError(f"the run failed after round {end['round']}: {end['error']}; see {log_path}")
+    return json.loads(Path(end["summary_path"]).read_text())
 
 
 # ----- credentials -------------------------------------------------------------------------------
@@ -245,24 +302,45 @@ def make_credentials(folder: str | Path, num_nodes: int, *, days: int = 30) -> C
 
 
 # ----- the app as Flower receives it -------------------------------------------------------------
-def write_app(folder: Path) -> Path:
-    """A copy of the fedcmd app whose pyproject.toml declares every config key, plus `out-dir`."""
-    import tomli_w
+def app_packages(root: Path, pyproject: dict[str, Any]) -> list[str]:
+    """The top-level packages in `root` that its pyproject.toml declares (`[tool.setuptools.packages.find]`)."""
+    find = pyproject["tool"]["setuptools"]["packages"]["find"]
+    matches = lambda name, key: any(fnmatch(name, pattern) for pattern in find.get(key, ()))
+    return sorted(d.name for d in root.iterdir() if d.is_dir() and d.name.isidentifier()
+                  and matches(d.name, "include") and not matches(d.name, "exclude"))
 
+
+def write_app(folder: Path, project: Path = PROJECT) -> Path:
+    """The fedcmd app as Flower packages it (see the module docstring): the FAB that Flower's builder
+    makes of the packages `project` declares and of a pyproject.toml declaring every config key plus
+    `out-dir`, unpacked into `folder`."""
+    import tomli_w
+    from flwr.cli.build import build_fab_from_files
+
+    declared = tomllib.loads((project / "pyproject.toml").read_text())
+    app = declared["tool"]["flwr"]["app"]
+    app["config"] = {**DEFAULTS, "out-dir": ""}
+    pyproject = {"build-system": declared["build-system"], "project": declared["project"],
+                 "tool": {"flwr": {"app": app}}}
+    pyproject["project"].pop("readme", None)  # the README is not part of the app
+    files: dict[str, bytes | Path] = {"pyproject.toml": tomli_w.dumps(pyproject).encode()}
+    if (project / ".gitignore").is_file():
+        files[".gitignore"] = project / ".gitignore"
+    for package in app_packages(project, declared):
+        for path in sorted((project / package).rglob("*")):
+            if path.is_file() and not path.is_symlink():
+                files[path.relative_to(project).as_posix()] = path
+    try:
+        fab, _ = build_fab_from_files(files)
+    except ValueError as err:
+        raise DeploymentError(f"Flower cannot package the app: {err}") from err
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    for package in APP_PACKAGES:
-        for source in (PROJECT / package).glob("*.py"):
-            (folder / package).mkdir(exist_ok=True)
-            shutil.copy2(source, folder / package / source.name)
-    project = tomllib.loads((PROJECT / "pyproject.toml").read_text())
-    app = project["tool"]["flwr"]["app"]
-    app["config"] = {**DEFAULTS, "out-dir": ""}
-    pyproject = {"build-system": project["build-system"], "project": project["project"],
-                 "tool": {"flwr": {"app": app}}}
-    pyproject["project"].pop("readme", None)  # the README is not part of the app
-    (folder / "pyproject.toml").write_text(tomli_w.dumps(pyproject))
+    with zipfile.ZipFile(io.BytesIO(fab)) as archive:
+        for name in archive.namelist():
+            if not name.startswith(".info/"):  # the FAB's manifest: Flower writes it anew when it packs the folder
+                archive.extract(name, folder)
     return folder
 
 
@@ -530,72 +608,76 @@ class Deployment:
 
     # ----- running -----------------------------------------------------------------------------
     def run(self, config: dict[str, Any], out: str | Path, *, timeout: float = 1800,
-            on_round: Callable[[int], None] | None = None) -> dict[str, Any]:
-        """Submit `config` as a run, wait until it ends, return its summary.
+            on_round: Callable[[int], None] | None = None,
+            on_event: Callable[[Event], None] | None = None) -> dict[str, Any]:
+        """Submit `config` as a run, follow its events until it ends, return its summary.
 
-        `on_round(r)` is called (from a reader thread) when the ServerApp reports round r done.
+        `on_event(event)` is called for each of the run's events (`fedcmd.events`) and `on_round(r)`
+        when round r's outputs are written, from this thread, as the run goes. A failed run raises
+        DeploymentError with its error.
         """
         out = Path(out).resolve()
         if self.auth:  # each node may serve only the partition its key is bound to
             config = {**config, "partition-binding": str(self.credentials.binding)}
         app = write_app(self.folder / "app")
         run_config = write_run_config(self.folder / "run-config.toml", config, out)
-        summary_path = out / "summary.json"
-        if summary_path.exists():
-            summary_path.unlink()  # so that a stale summary is never taken for this run's
-        args = [flower_bin("flwr"), "run", str(app), CONNECTION, "--run-config", str(run_config), "--stream"]
+        (out / EVENTS_NAME).unlink(missing_ok=True)  # so that no earlier run's end is taken for this one's
+        run_id = int(self.flwr("run", str(app), CONNECTION, "--run-config", str(run_config), timeout=600)["run-id"])
         log_path = self.folder / "flwr-run.log"
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.env(),
-                                cwd=self.folder, start_new_session=True)
-        errors: list[BaseException] = []
+        with open(log_path, "ab") as log:
+            stream = subprocess.Popen([flower_bin("flwr"), "log", str(run_id), CONNECTION, "--stream"], stdout=log,
+                                      stderr=subprocess.STDOUT, env=self.env(), cwd=self.folder, start_new_session=True)
 
-        def follow() -> None:
-            with open(log_path, "ab") as log:
-                for line in iter(proc.stdout.readline, b""):
-                    log.write(line)
-                    log.flush()
-                    match = ROUND_LINE.search(line.decode(errors="replace"))
-                    if match and on_round is not None:
-                        try:
-                            on_round(int(match.group(1)))
-                        except BaseException as err:  # report it from the main thread
-                            errors.append(err)
+        def handle(event: Event) -> None:
+            if on_event is not None:
+                on_event(event)
+            if on_round is not None and event["event"] == ROUND_FINISHED:
+                on_round(event["round"])
 
-        reader = threading.Thread(target=follow, daemon=True)
-        reader.start()
         try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise DeploymentError(f"the run did not end within {timeout} s; see {log_path}") from None
+            end = follow_events(EventFollower(out / EVENTS_NAME), timeout=timeout, on_event=handle,
+                                ended=lambda: self.run_ended(run_id, stream, log_path))
+            try:
+                stream.wait(120)  # the stream ends once the SuperLink has closed the run: the log is whole
+            except subprocess.TimeoutExpired:
+                pass
         finally:
-            self._stop([proc], grace=5.0)
-            reader.join(10)
-        if errors:
-            raise errors[0]
-        if not summary_path.exists():
-            raise DeploymentError(f"the run ended without writing {summary_path}; see {log_path} and "
-                                  f"{self.folder / 'superlink.log'}")
-        self.record_run_details(log_path)
-        return json.loads(summary_path.read_text())
+            self._stop([stream], grace=5.0)
+        self.record_run_details(run_id)
+        return run_summary(end, log_path)
 
-    def record_run_details(self, log_path: Path) -> dict[str, Any] | None:
+    def run_ended(self, run_id: int, stream: subprocess.Popen, log_path: Path) -> str | None:
+        """Why run `run_id` is over without an end event, or None while it may still write one: the
+        SuperLink exited, or it records the run finished (its log stream ends then)."""
+        if self.superlink is not None and self.superlink.poll() is not None:
+            return (f"the SuperLink exited with code {self.superlink.returncode} during the run; "
+                    f"see {self.folder / 'superlink.log'} and {log_path}")
+        if stream.poll() is None:
+            return None
+        record = run_record(run_id, env=self.env(), cwd=self.folder, connection=CONNECTION, wait=30.0)
+        if not record["status"].startswith("finished"):
+            return None  # the stream broke off while the run goes on: the events still tell its end
+        details = f" ({record['status-details']})" if record.get("status-details") else ""
+        return (f"run {run_id} ended {record['status']}{details} without writing its end to "
+                f"{EVENTS_NAME}; see {log_path} and {self.folder / 'superlink.log'}")
+
+    def record_run_details(self, run_id: int) -> dict[str, Any] | None:
         """The SuperLink's record of the run (status, network traffic it counted, compute time), saved
         to superlink-run.json: an independent measure of the bytes the accountant counts."""
-        started = re.search(r"Successfully started run (\d+)", log_path.read_text(errors="replace"))
-        if not started:
+        if self.superlink is None or self.superlink.poll() is not None:
             return None
-        runs = self.flwr("ls", CONNECTION, "--run-id", started.group(1))["runs"]
-        (self.folder / "superlink-run.json").write_text(json.dumps(runs[0], indent=2) + "\n")
-        return runs[0]
+        record = run_record(run_id, env=self.env(), cwd=self.folder, connection=CONNECTION, wait=60.0)
+        (self.folder / "superlink-run.json").write_text(json.dumps(record, indent=2) + "\n")
+        return record
 
 
 def deploy(config: dict[str, Any], out: str | Path, *, tls: bool = False, auth: bool = False,
-           timeout: float = 1800) -> dict[str, Any]:
+           timeout: float = 1800, on_event: Callable[[Event], None] | None = None) -> dict[str, Any]:
     """Start a deployment for `config`, run it, stop everything; returns the run's summary."""
     out = Path(out)
     with Deployment(out / "deploy", config["num-clients"], tls=tls, auth=auth) as deployment:
         deployment.start()
-        return deployment.run(config, out, timeout=timeout)
+        return deployment.run(config, out, timeout=timeout, on_event=on_event)
 
 
 # ----- command line -------------------------------------------------------------------------------
@@ -634,7 +716,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     check_out_dir(Path(args.out), resume=False, overwrite=args.overwrite)  # before any process starts
     if args.overwrite:
         make_out_dir(Path(args.out), overwrite=True)  # the ServerApp then finds no run to refuse
-    deploy(config, args.out, tls=args.tls, auth=args.auth, timeout=args.timeout)
+    deploy(config, args.out, tls=args.tls, auth=args.auth, timeout=args.timeout, on_event=print_progress)
     print(f"[fedcmd] outputs in {args.out}/, deployment logs in {args.out}/deploy/")
     return 0
 

@@ -151,7 +151,8 @@ def run_ray(config: dict[str, Any], out_dir: str | Path, *, progress: bool = Tru
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            run_server_app(grid, config, out_dir, progress=progress, resume=resume, overwrite=overwrite)
+            run_server_app(grid, config, out_dir, progress=progress, resume=resume, overwrite=overwrite,
+                           flower_run_id=context.run_id)
         except BaseException as err:  # keep it: run_simulation only logs the server thread's failure
             errors.append(err)
             raise

@@ -33,11 +33,10 @@ import re
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedcmd.deploy import LOOPBACK, PROJECT, DeploymentError, descendants, flower_bin, flwr_json, stop_process_groups
+from fedcmd.deploy import LOOPBACK, PROJECT, DeploymentError, descendants, flower_bin, run_record, stop_process_groups
 
 DEFAULT_PORT = 39091  # Flower's LOCAL_SUPERLINK_HTTP_API_PORT
 STARTED = re.compile(rb"Successfully started run (\d+)")
@@ -175,12 +174,7 @@ def flwr_run(options: list[str], *, project: Path = PROJECT, env: dict[str, str]
 
 def run_status(run_id: str, *, env: dict[str, str], cwd: Path, wait: float = 30.0) -> str:
     """The SuperLink's status of a run, once it is `finished:...` (the stream may end a moment before)."""
-    deadline = time.monotonic() + wait
-    while True:
-        status = flwr_json(["ls", "--run-id", run_id], env=env, cwd=cwd)["runs"][0]["status"]
-        if status.startswith("finished") or time.monotonic() > deadline:
-            return status
-        time.sleep(0.5)
+    return run_record(run_id, env=env, cwd=cwd, wait=wait)["status"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,7 @@ central and a run must write its outputs as it goes.
 
 from __future__ import annotations
 
-import json
+import hashlib
 import logging
 import math
 import shutil
@@ -25,7 +25,7 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from fedcmd import task
-from fedcmd.accountant import VolumeAccountant, fedavg_floats
+from fedcmd.accountant import DIRECTIONS, VolumeAccountant, VolumeRow, fedavg_floats
 from fedcmd.binding import pem_fingerprint, read_binding
 from fedcmd.checkpoint import (
     CHECKPOINT_NAME,
@@ -39,6 +39,8 @@ from fedcmd.checkpoint import (
 from fedcmd.config import ConfigError, SetupError, keeps_local_state, to_toml
 from fedcmd.data import DatasetNotFoundError, partition_report, write_partition_report
 from fedcmd.algorithms import algorithm
+from fedcmd.events import (EVENTS_NAME, ROUND_FINISHED, RUN_FAILED, RUN_FINISHED, RUN_STARTED, EventLog,
+                           print_progress)
 from fedcmd.report import RUN_OUTPUTS, RunTables, write_summary
 from fedcmd.training import evaluate
 from strategies.base import FedcmdStrategy, RoundLog
@@ -194,13 +196,15 @@ def setup_errors() -> Iterator[None]:
 
 
 def run_experiment(grid: Grid, config: dict[str, Any], out_dir: str | Path, *, progress: bool = True,
-                   resume: bool = False, overwrite: bool = False) -> dict:
+                   resume: bool = False, overwrite: bool = False, flower_run_id: int | None = None) -> dict:
     """Run `config` over `grid`, write every output into `out_dir`, return the summary.
 
     A checkpoint is written to `out_dir` after every round; `resume=True` continues from it (see
     `fedcmd.checkpoint`) and ends with the outputs an uninterrupted run would have written. A folder
     holding another run is refused unless `resume` or `overwrite` (which replaces that run).
-    metrics.csv, volume.csv and rejections.csv are appended round by round (`fedcmd.report.RunTables`).
+    metrics.csv, volume.csv and rejections.csv are appended round by round (`fedcmd.report.RunTables`),
+    and so is events.jsonl (`fedcmd.events`), from which `progress` prints the progress lines.
+    `flower_run_id` (the Flower run executing the ServerApp, if any) goes into the run_started event.
     """
     started = time.perf_counter()
     out = Path(out_dir)
@@ -223,72 +227,87 @@ def run_experiment(grid: Grid, config: dict[str, Any], out_dir: str | Path, *, p
                             rejected=0, mb_cumulative=0.0, round_seconds=0.0, strategy_seconds=0.0)]
             spent, first_round = 0.0, 1
     make_out_dir(out, overwrite=overwrite)
-    (out / "config.toml").write_text(to_toml(config))
-    write_partition_report(partition_report(data.train_y.numpy(), parts, data.num_classes), out / "partitions.csv")
-    client_state = out / "client-state"
-    if not resume:
-        shutil.rmtree(client_state, ignore_errors=True)  # a new run: no client state of an earlier one
-        if keeps_local_state(config):
-            strategy.run_info["run-token"] = uuid.uuid4().hex
-    if strategy.run_info.get("run-token"):
-        strategy.run_info["client-state-dir"] = str(client_state.resolve())
-    tables = RunTables(out)
-    tables.start(metrics, strategy)
-    if progress and resume:
-        print(f"[fedcmd] {config['strategy']} on {data}: resuming after round {checkpoint.server_round} "
-              f"(last accuracy {last_accuracy(metrics):.4f})", flush=True)
-    elif progress:
-        print(f"[fedcmd] {config['strategy']} on {data}, {strategy.weights.size} parameters; "
-              f"round 0: accuracy {acc:.4f}", flush=True)
-    timeout, last = config["round-timeout"], config["num-server-rounds"]
-    rows_seen = len(strategy.accountant.rows)
-    mb = sum(r.wire_bytes for r in strategy.accountant.rows) / 1e6
-    for rnd in range(first_round, last + 1):
-        t0 = time.perf_counter()
-        discover_nodes(grid, strategy, rnd, timeout, binding)
-        t1 = time.perf_counter()
-        messages = list(strategy.configure_train(rnd, None, None, grid))
-        t2 = time.perf_counter()
-        replies = grid.send_and_receive(messages, timeout=timeout) if messages else []
-        t3 = time.perf_counter()
-        strategy.aggregate_train(rnd, replies)
-        t4 = time.perf_counter()
-        evaluated = rnd % config["eval-every"] == 0 or rnd == last
-        loss, acc = evaluator(strategy.weights, strategy.buffers) if evaluated else (float("nan"), float("nan"))
-        t5 = time.perf_counter()
-        round_log = strategy.rounds[rnd]
-        rows = strategy.accountant.rows
-        mb += sum(r.wire_bytes for r in rows[rows_seen:]) / 1e6
-        rows_seen = len(rows)
-        metrics.append(dict(round=rnd, accuracy=acc, loss=loss, train_loss=round_log.train_loss,
-                            sampled=len(round_log.sampled), accepted=len(round_log.accepted),
-                            rejected=len(round_log.rejected), mb_cumulative=mb,
-                            round_seconds=time.perf_counter() - t0, strategy_seconds=(t2 - t1) + (t4 - t3),
-                            clients_seconds=t3 - t2, client_train_seconds=round_log.train_seconds,
-                            eval_seconds=t5 - t4, **strategy.round_metrics(rnd)))
-        if progress and evaluated:
-            print(f"[fedcmd] round {rnd}/{last}: accuracy {acc:.4f}, "
-                  f"{len(round_log.accepted)}/{len(round_log.sampled)} replies, {mb:.2f} MB so far, "
-                  f"{metrics[-1]['round_seconds']:.1f} s", flush=True)
-        t6 = time.perf_counter()
-        save_checkpoint(out, Checkpoint(config, rnd, strategy, metrics, spent + time.perf_counter() - started))
-        # the checkpoint is part of the round's cost (it is saved after the row it holds was made)
-        metrics[-1]["checkpoint_seconds"] = time.perf_counter() - t6
-        metrics[-1]["round_seconds"] += metrics[-1]["checkpoint_seconds"]
-        tables.append_round(rnd, metrics, strategy)  # after the checkpoint: the tables never run ahead of it
+    events = EventLog(out / EVENTS_NAME, append=resume, listeners=[print_progress] if progress else [])
+    done = first_round - 1  # the last round whose outputs are written
+    try:
+        config_text = to_toml(config)
+        (out / "config.toml").write_text(config_text)
+        write_partition_report(partition_report(data.train_y.numpy(), parts, data.num_classes), out / "partitions.csv")
+        client_state = out / "client-state"
+        if not resume:
+            shutil.rmtree(client_state, ignore_errors=True)  # a new run: no client state of an earlier one
+            if keeps_local_state(config):
+                strategy.run_info["run-token"] = uuid.uuid4().hex
+        if strategy.run_info.get("run-token"):
+            strategy.run_info["client-state-dir"] = str(client_state.resolve())
+        tables = RunTables(out)
+        tables.start(metrics, strategy)
+        timeout, last = config["round-timeout"], config["num-server-rounds"]
+        events.emit(RUN_STARTED, strategy=config["strategy"], dataset=str(data), parameters=int(strategy.weights.size),
+                    rounds=last, first_round=first_round, resumed=resume, accuracy=last_accuracy(metrics),
+                    config_digest=hashlib.sha256(config_text.encode()).hexdigest(), flower_run_id=flower_run_id)
+        rows_seen = len(strategy.accountant.rows)
+        mb = sum(r.wire_bytes for r in strategy.accountant.rows) / 1e6
+        for rnd in range(first_round, last + 1):
+            t0 = time.perf_counter()
+            discover_nodes(grid, strategy, rnd, timeout, binding)
+            t1 = time.perf_counter()
+            messages = list(strategy.configure_train(rnd, None, None, grid))
+            t2 = time.perf_counter()
+            replies = grid.send_and_receive(messages, timeout=timeout) if messages else []
+            t3 = time.perf_counter()
+            strategy.aggregate_train(rnd, replies)
+            t4 = time.perf_counter()
+            evaluated = rnd % config["eval-every"] == 0 or rnd == last
+            loss, acc = evaluator(strategy.weights, strategy.buffers) if evaluated else (float("nan"), float("nan"))
+            t5 = time.perf_counter()
+            round_log = strategy.rounds[rnd]
+            new_rows = strategy.accountant.rows[rows_seen:]
+            rows_seen += len(new_rows)
+            mb += sum(r.wire_bytes for r in new_rows) / 1e6
+            metrics.append(dict(round=rnd, accuracy=acc, loss=loss, train_loss=round_log.train_loss,
+                                sampled=len(round_log.sampled), accepted=len(round_log.accepted),
+                                rejected=len(round_log.rejected), mb_cumulative=mb,
+                                round_seconds=time.perf_counter() - t0, strategy_seconds=(t2 - t1) + (t4 - t3),
+                                clients_seconds=t3 - t2, client_train_seconds=round_log.train_seconds,
+                                eval_seconds=t5 - t4, **strategy.round_metrics(rnd)))
+            t6 = time.perf_counter()
+            save_checkpoint(out, Checkpoint(config, rnd, strategy, metrics, spent + time.perf_counter() - started))
+            # the checkpoint is part of the round's cost (it is saved after the row it holds was made)
+            metrics[-1]["checkpoint_seconds"] = time.perf_counter() - t6
+            metrics[-1]["round_seconds"] += metrics[-1]["checkpoint_seconds"]
+            tables.append_round(rnd, metrics, strategy)  # after the checkpoint: the tables never run ahead of it
+            done = rnd
+            events.emit(ROUND_FINISHED, round=rnd, rounds=last, evaluated=evaluated, accuracy=acc, loss=loss,
+                        train_loss=round_log.train_loss, sampled=len(round_log.sampled),
+                        replies=len(round_log.accepted), rejected=len(round_log.rejected),
+                        refused=len(round_log.refused), **round_volume(new_rows), mb_cumulative=mb,
+                        round_seconds=metrics[-1]["round_seconds"], metrics=metrics[-1])
 
-    cohorts = [len(strategy.rounds[r].sampled) for r in range(1, config["num-server-rounds"] + 1)]
-    reference = fedavg_floats(strategy.weights.size + strategy.buffers.size, cohorts)
-    summary = write_summary(out, config, strategy, metrics, reference, spent + time.perf_counter() - started)
-    if progress:
-        print(json.dumps(summary, indent=2), flush=True)
+        cohorts = [len(strategy.rounds[r].sampled) for r in range(1, config["num-server-rounds"] + 1)]
+        reference = fedavg_floats(strategy.weights.size + strategy.buffers.size, cohorts)
+        summary = write_summary(out, config, strategy, metrics, reference, spent + time.perf_counter() - started)
+    except BaseException as err:  # Ctrl-C too: a follower must learn that the run stopped, and why
+        events.emit(RUN_FAILED, error=f"{type(err).__name__}: {err}", round=done)
+        raise
+    events.emit(RUN_FINISHED, summary_path=str((out / "summary.json").resolve()), summary=summary)
     return summary
 
 
+def round_volume(rows: list[VolumeRow]) -> dict[str, float]:
+    """bytes_up, bytes_down (serialised), floats_up, floats_down of a round's volume rows."""
+    volume = {f"{kind}_{d}": 0 for kind in ("bytes", "floats") for d in DIRECTIONS}
+    for row in rows:
+        volume[f"bytes_{row.direction}"] += row.wire_bytes
+        volume[f"floats_{row.direction}"] += row.floats
+    return volume
+
+
 def run_server_app(grid: Grid, config: dict[str, Any], out_dir: str | Path, progress: bool = True,
-                   resume: bool = False, overwrite: bool = False) -> dict:
+                   resume: bool = False, overwrite: bool = False, flower_run_id: int | None = None) -> dict:
     """Entry used by ServerApps: the server thread gets its own, bounded, share of the cores."""
     torch.set_num_threads(1)
     if not logging.getLogger().handlers:  # a deployed ServerApp process has none: keep rejections visible
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    return run_experiment(grid, config, out_dir, progress=progress, resume=resume, overwrite=overwrite)
+    return run_experiment(grid, config, out_dir, progress=progress, resume=resume, overwrite=overwrite,
+                          flower_run_id=flower_run_id)
