@@ -91,9 +91,10 @@ class SyncedModel:
                             f"but this client holds version {self.mask_version}")
         return self.active
 
-    def apply(self, content: RecordDict, codec: Codec = Codec()) -> None:
+    def apply(self, content: RecordDict, codec: Codec | None = None) -> None:
         """Bring model and mask to the versions the message states; on SyncError nothing changes.
         `delta` values are the decoded change (`codec`, the downlink's) from what this client holds."""
+        codec = codec if codec is not None else Codec()
         head = SyncHead.read(content)
         index = None if head.kind == "full" else self._positions(content, head)
         if head.kind == "delta":

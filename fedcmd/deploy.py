@@ -53,8 +53,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import ipaddress
 import io
+import ipaddress
 import json
 import os
 import shutil

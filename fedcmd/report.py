@@ -16,7 +16,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from fedcmd.events import EVENTS_NAME  # noqa: E402
 
-
 # Every file a run writes into its output folder (besides deploy/ for deployments, and the
 # checkpoint's files: `fedcmd.checkpoint.checkpoint_files`).
 RUN_OUTPUTS = ("config.toml", "partitions.csv", "metrics.csv", "volume.csv", "rejections.csv", "refusals.csv",

@@ -26,6 +26,7 @@ from flwr.serverapp import Grid
 
 from fedcmd import task
 from fedcmd.accountant import DIRECTIONS, VolumeAccountant, VolumeRow, fedavg_floats
+from fedcmd.algorithms import algorithm
 from fedcmd.binding import pem_fingerprint, read_binding
 from fedcmd.checkpoint import (
     CHECKPOINT_NAME,
@@ -38,9 +39,7 @@ from fedcmd.checkpoint import (
 )
 from fedcmd.config import ConfigError, SetupError, keeps_local_state, to_toml
 from fedcmd.data import DatasetNotFoundError, partition_report, write_partition_report
-from fedcmd.algorithms import algorithm
-from fedcmd.events import (EVENTS_NAME, ROUND_FINISHED, RUN_FAILED, RUN_FINISHED, RUN_STARTED, EventLog,
-                           print_progress)
+from fedcmd.events import EVENTS_NAME, ROUND_FINISHED, RUN_FAILED, RUN_FINISHED, RUN_STARTED, EventLog, print_progress
 from fedcmd.report import RUN_OUTPUTS, RunTables, write_summary
 from fedcmd.training import evaluate
 from strategies.base import FedcmdStrategy, RoundLog

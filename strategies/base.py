@@ -45,8 +45,18 @@ from fedcmd.checkpoint import CheckpointError, array_entry, by_round, entry, loa
 from fedcmd.codecs import CodecError, describe, with_error_feedback
 from fedcmd.config import client_keys
 from fedcmd.sampling import sample_cohort
-from fedcmd.wire import (DIRECTIONS, PAYLOAD_KEYS, ReplyError, codec_rng, encoded_record, make_codec,  # noqa: F401
-                         read_buffers, read_encoded, read_vector, vector_record)
+from fedcmd.wire import (  # noqa: F401
+    DIRECTIONS,
+    PAYLOAD_KEYS,
+    ReplyError,
+    codec_rng,
+    encoded_record,
+    make_codec,
+    read_buffers,
+    read_encoded,
+    read_vector,
+    vector_record,
+)
 
 log = logging.getLogger("fedcmd")
 

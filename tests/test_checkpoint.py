@@ -12,8 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedcmd.checkpoint import (ARRAY, CHECKPOINT_NAME, LEGACY_NAME, Checkpoint, CheckpointError, checkpoint_files,
-                               load_checkpoint, save_checkpoint, split_arrays)
+from fedcmd.checkpoint import (
+    ARRAY,
+    CHECKPOINT_NAME,
+    LEGACY_NAME,
+    Checkpoint,
+    CheckpointError,
+    checkpoint_files,
+    load_checkpoint,
+    save_checkpoint,
+    split_arrays,
+)
 from fedcmd.cli import main
 from fedcmd.client_app import app as client_app
 from fedcmd.config import SetupError

@@ -14,8 +14,17 @@ import fedcmd.server as server
 from fedcmd.cli import main
 from fedcmd.deploy import DeploymentError, follow_events, run_summary
 from fedcmd.engine import run_inprocess
-from fedcmd.events import (EVENTS_NAME, ROUND_FINISHED, RUN_FAILED, RUN_FINISHED, RUN_STARTED, EventFollower,
-                           EventLog, progress_line, read_events)
+from fedcmd.events import (
+    EVENTS_NAME,
+    ROUND_FINISHED,
+    RUN_FAILED,
+    RUN_FINISHED,
+    RUN_STARTED,
+    EventFollower,
+    EventLog,
+    progress_line,
+    read_events,
+)
 from fedcmd.report import read_rows
 
 SMALL = {"dataset": "synthetic", "synthetic-train-size": 200, "synthetic-test-size": 50, "model": "mlp",

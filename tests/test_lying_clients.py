@@ -163,7 +163,8 @@ def test_replies_that_break_the_parser_are_rejections(config, tmp_path, strategy
     bad_versions = [float("nan"), float("inf"), [1, 2], 1.5]
     for k, bad in enumerate(bad_versions):
         for key in version_keys:
-            lies[(1 + k, 3)] = (lambda key, bad: lambda r, m: with_metrics(r, m, **{key.replace("-", "_"): bad}))(key, bad)
+            # key and bad are bound as the outer lambda's arguments (ruff's B023 cannot see that)
+            lies[(1 + k, 3)] = (lambda key, bad: lambda r, m: with_metrics(r, m, **{key.replace("-", "_"): bad}))(key, bad)  # noqa: B023
     reasons = tampered_run_matches_dropped(config, tmp_path, lies)
     assert "unreadable reply" in reasons[(2, 1)]
     for k in range(len(bad_versions) if version_keys else 0):

@@ -38,12 +38,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from benchtools import PhaseTimers, command_line, default_out, machine, mb, wrap_cmd_strategy, write_outputs
 
 import clients.cmd
 import fedcmd.accountant
 import fedcmd.engine
 import fedcmd.server
-from benchtools import PhaseTimers, command_line, default_out, machine, mb, wrap_cmd_strategy, write_outputs
 from fedcmd.checkpoint import split_arrays
 from fedcmd.config import load_config
 from fedcmd.engine import LocalGrid, run_inprocess

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from benchtools import command_line, machine, write_outputs
+
 from fedcmd.codecs import Codec, describe
 
 CASES = (("none", Codec("none")), ("fp16", Codec("fp16")), ("bf16", Codec("bf16")),

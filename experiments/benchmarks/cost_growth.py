@@ -39,12 +39,12 @@ from pathlib import Path
 from uuid import uuid4
 
 import numpy as np
+from benchtools import PhaseTimers, command_line, default_out, machine, mb, wrap_cmd_strategy, write_outputs
 from flwr.app import Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 import fedcmd.accountant
 import fedcmd.task
-from benchtools import PhaseTimers, command_line, default_out, machine, mb, wrap_cmd_strategy, write_outputs
 from fedcmd.config import resolve
 from fedcmd.flat import ParamLayout
 from fedcmd.wire import vector_record

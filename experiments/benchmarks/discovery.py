@@ -54,6 +54,7 @@ import time
 from pathlib import Path
 
 from benchtools import command_line, machine, write_outputs
+
 from fedcmd.client_app import app as client_app
 from fedcmd.config import resolve
 from fedcmd.engine import LocalGrid

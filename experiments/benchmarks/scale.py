@@ -34,10 +34,18 @@ import time
 from pathlib import Path
 
 import numpy as np
+from benchtools import (
+    PhaseTimers,
+    TreeMemorySampler,
+    command_line,
+    default_out,
+    machine,
+    mb,
+    rusage_peaks,
+    write_outputs,
+)
 
 import fedcmd.server
-from benchtools import (PhaseTimers, TreeMemorySampler, command_line, default_out, machine, mb, rusage_peaks,
-                        write_outputs)
 from clients.cmd import STORE_KEY, CoefficientStore
 from fedcmd.config import load_config
 from fedcmd.engine import LocalGrid, run_inprocess, run_ray
