@@ -32,7 +32,8 @@ Decisions:
   them after its grace period. A machine-wide `ray stop` would also stop other users' Ray
   instances on this machine. The command-line and environment scans are the check, not the
   means: Ray renames its workers (`ray::ClientAppActor`), and a renamed process's environment may
-  read empty. SIGTERM and Ctrl-C stop the nodes too.
+  read empty. SIGTERM and Ctrl-C stop the nodes too (except in the second or two this process is
+  itself a Ray driver, asking the cluster: Ray's core worker then dies at SIGTERM, unwinding nothing).
 - Fixed default ports would collide with other Ray instances on the machine, so the GCS port
   (unless --port), the Ray client server and the dashboard agents get free ports, and the
   dashboard is off.
@@ -61,11 +62,13 @@ import sys
 import tempfile
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from fedcmd.config import resolve, to_toml
-from fedcmd.deploy import LOOPBACK, flower_bin, free_port, live_group_members, stop_process_groups
+from fedcmd.deploy import (LOOPBACK, _exit_on_sigterm, flower_bin, free_port, live_group_members,
+                           stop_process_groups)
 
 PROJECT = Path(__file__).resolve().parents[1]
 MARKER = "FEDCMD_RAY_CLUSTER"  # in the environment of every process the nodes start
@@ -73,6 +76,24 @@ NODE_NAMES = ("head", "worker")
 CONFIG = {"dataset": "synthetic", "synthetic-train-size": 400, "synthetic-test-size": 200, "model": "mlp",
           "num-clients": 4, "num-server-rounds": 2, "batch-size": 16, "local-epochs": 1, "lr": 0.05,
           "strategy": "fedavg"}
+
+
+@contextmanager
+def ray_driver(address: str):
+    """`ray`, attached to the cluster at `address` as a driver, for queries.
+
+    ray.init replaces this process's SIGTERM handler, and from then on (even after ray.shutdown,
+    measured) SIGTERM ends the process at once, without unwinding, so the nodes would be left
+    running: ours is put back when the driver is shut down.
+    """
+    import ray
+
+    ray.init(address=address, logging_level="error", log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
 
 class LocalRayCluster:
@@ -121,27 +142,20 @@ class LocalRayCluster:
         return self
 
     def wait_for_nodes(self, count: int, timeout: float) -> None:
-        import ray
-
-        ray.init(address=self.address, logging_level="error", log_to_driver=False)
-        try:
+        with ray_driver(self.address) as ray:
             deadline = time.monotonic() + timeout
             while sum(1 for n in ray.nodes() if n["Alive"]) < count:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"fewer than {count} Ray nodes alive after {timeout} s")
                 time.sleep(0.5)
-        finally:
-            ray.shutdown()
 
     def placement(self) -> dict[str, Any]:
         """Per node: its Ray node id and CPUs, the client actors it hosted (their PIDs) and the client
         messages it ran (`ClientAppActor.run` tasks), as the GCS recorded them."""
-        import ray
         from ray._private import state
         from ray.core.generated import gcs_pb2
 
-        ray.init(address=self.address, logging_level="error", log_to_driver=False)
-        try:
+        with ray_driver(self.address) as ray:
             nodes: dict[str, dict[str, Any]] = {}
 
             def node(node_id: str, resources: dict[str, float] | None = None) -> dict[str, Any]:
@@ -161,25 +175,24 @@ class LocalRayCluster:
                     ran[event.task_id.hex()] = ran.get(event.task_id.hex()) or event.state_updates.node_id.hex()
             for node_id in ran.values():
                 node(node_id)["client_messages"] += 1
-        finally:
-            ray.shutdown()
         return {info.pop("name"): info for info in sorted(nodes.values(), key=lambda n: n["name"] != "head")}
 
     def processes(self) -> dict[int, str]:
         """PID -> command line of every live process of this cluster: in one of its process groups,
         naming its temp dir on the command line, or holding its marker in the environment."""
-        found = {pid: "" for pgid in self.groups.values() for pid in live_group_members(pgid)}
-        marker = f"{MARKER}={self.token}".encode()
+        members = {pid for pgid in self.groups.values() for pid in live_group_members(pgid)}
+        temp_dir, marker = str(self.temp_root).encode(), f"{MARKER}={self.token}".encode()
+        found = {}
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit() or int(entry.name) == os.getpid():
                 continue
             try:
                 cmdline = (entry / "cmdline").read_bytes()
-                mine = str(self.temp_root).encode() in cmdline or marker in (entry / "environ").read_bytes().split(b"\0")
-                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                mine = temp_dir in cmdline or marker in (entry / "environ").read_bytes().split(b"\0")
+                zombie = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
             except (OSError, IndexError):
                 continue
-            if state != "Z" and (mine or int(entry.name) in found):
+            if not zombie and (mine or int(entry.name) in members):
                 found[int(entry.name)] = cmdline.replace(b"\0", b" ").decode(errors="replace").strip()
         return found
 
@@ -189,6 +202,9 @@ class LocalRayCluster:
         for name in reversed(NODE_NAMES):
             if name in self.groups:
                 stop_process_groups([self.groups[name]], grace=grace)
+        deadline = time.monotonic() + 5.0  # stop_process_groups sends its SIGKILL without waiting
+        while any(live_group_members(g) for g in self.groups.values()) and time.monotonic() < deadline:
+            time.sleep(0.1)
         left = self.processes()
         for pid in left:
             try:
@@ -196,13 +212,6 @@ class LocalRayCluster:
             except ProcessLookupError:
                 pass
         return left
-
-    def __enter__(self) -> "LocalRayCluster":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.groups:
-            self.stop()
 
 
 def run_attached(cluster: LocalRayCluster, out: Path, timeout: float) -> tuple[dict[str, Any], float]:
@@ -229,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, help="the head's GCS port (default: a free one)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds for each of start and run (default 900)")
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # unwind: stop the nodes
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # unwind, and so stop the nodes
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"config": CONFIG}
@@ -247,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # report it after the cluster is stopped
         error = f"{type(err).__name__}: {err}"
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the stop short
         stop_started = time.monotonic()
         left = cluster.stop()
         report["stop_seconds"] = round(time.monotonic() - stop_started, 1)

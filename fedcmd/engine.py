@@ -136,9 +136,9 @@ def check_ray_address(address: str, *, timeout: float = 5.0) -> str:
     """`address` (HOST:PORT of a Ray head's GCS) if a Ray cluster answers there; RayClusterError if not.
 
     `ray.init(address=...)` waits indefinitely for an address where nothing answers (still waiting
-    after 5 minutes, measured), so the address is tried first: a TCP connection (refused or timed
-    out at once), then the GCS's cluster id, as `ray health-check` asks it (a port that answers but
-    is no GCS fails after about 35 s).
+    after 5 minutes, measured), so the address is tried first: a TCP connection (refused at once,
+    or no answer within `timeout` seconds), then the GCS's cluster id, as `ray health-check` asks
+    it (a port that answers but is no GCS fails after about 35 s).
     """
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in address:
