@@ -71,7 +71,7 @@ from fedcmd.deploy import (LOOPBACK, _exit_on_sigterm, flower_bin, free_port, li
                            stop_process_groups)
 
 PROJECT = Path(__file__).resolve().parents[1]
-MARKER = "FEDCMD_RAY_CLUSTER"  # in the environment of every process the nodes start
+MARKER = "FEDCMD_RAY_CLUSTER"  # set for both `ray start`s, inherited by what they start
 NODE_NAMES = ("head", "worker")
 CONFIG = {"dataset": "synthetic", "synthetic-train-size": 400, "synthetic-test-size": 200, "model": "mlp",
           "num-clients": 4, "num-server-rounds": 2, "batch-size": 16, "local-epochs": 1, "lr": 0.05,
@@ -159,8 +159,9 @@ class LocalRayCluster:
             nodes: dict[str, dict[str, Any]] = {}
 
             def node(node_id: str, resources: dict[str, float] | None = None) -> dict[str, Any]:
-                name = next((k for k in NODE_NAMES if f"fedcmd-{k}" in (resources or {})), node_id or "unknown")
-                return nodes.setdefault(node_id, {"name": name, "node_id": node_id, "cpus": (resources or {}).get("CPU"),
+                resources = resources or {}
+                name = next((k for k in NODE_NAMES if f"fedcmd-{k}" in resources), node_id or "unknown")
+                return nodes.setdefault(node_id, {"name": name, "node_id": node_id, "cpus": resources.get("CPU"),
                                                   "actors": [], "client_messages": 0})
 
             for info in ray.nodes():
