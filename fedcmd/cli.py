@@ -1,4 +1,5 @@
-"""The `fedcmd` command: `fedcmd run CONFIG.toml [--set key=value ...] [--out DIR] [--engine ray|inprocess]`
+"""The `fedcmd` command: `fedcmd run CONFIG.toml [--set key=value ...] [--out DIR] [--engine ray|inprocess]
+[--ray-address HOST:PORT]`
 `fedcmd compare RUN_DIR ... [--baseline fedavg] [--out DIR] [--target PERCENT]` and
 `fedcmd deploy CONFIG.toml --out DIR [--set key=value ...] [--tls] [--auth]`."""
 
@@ -20,15 +21,23 @@ def default_out_dir(config_path: str | None, config: dict) -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.ray_address and args.engine != "ray":
+        print(f"fedcmd: error: --ray-address runs on a Ray cluster: it needs --engine ray, not --engine "
+              f"{args.engine}", file=sys.stderr)
+        return 2
     config = load_config(args.config, args.set or [])
     out = Path(args.out) if args.out else default_out_dir(args.config, config)
     from fedcmd.server import check_out_dir
 
     check_out_dir(out, resume=args.resume, overwrite=args.overwrite)  # before Ray takes seconds to start
     if args.engine == "ray":
-        from fedcmd.engine import run_ray
+        from fedcmd.engine import RayClusterError, run_ray
 
-        run_ray(config, out, resume=args.resume, overwrite=args.overwrite)
+        try:
+            run_ray(config, out, resume=args.resume, overwrite=args.overwrite, ray_address=args.ray_address)
+        except RayClusterError as err:  # raised before Ray starts: nothing was written
+            print(f"fedcmd: error: {err}", file=sys.stderr)
+            return 2
     else:
         from fedcmd.engine import run_inprocess
 
@@ -70,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="output folder (default runs/<config>/<strategy>-seed<k>)")
     run.add_argument("--engine", choices=("ray", "inprocess"), default="ray",
                      help="ray: Flower's simulation engine (default); inprocess: same code, no Ray")
+    run.add_argument("--ray-address", metavar="HOST:PORT",
+                     help="run on this running Ray cluster (the head's `ray start --head --port`) instead of "
+                          "a Ray instance started on this machine; the cluster is left running")
     again = run.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
                        help="continue the run from the checkpoint in its output folder (same config; "

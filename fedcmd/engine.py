@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import traceback
 from collections.abc import Iterable
 from pathlib import Path
@@ -127,6 +128,36 @@ def run_inprocess(config: dict[str, Any], out_dir: str | Path, *, progress: bool
     return run_experiment(grid, config, out_dir, progress=progress, resume=resume, overwrite=overwrite)
 
 
+class RayClusterError(RuntimeError):
+    """The Ray cluster address given does not answer, or is not a Ray cluster's head."""
+
+
+def check_ray_address(address: str, *, timeout: float = 5.0) -> str:
+    """`address` (HOST:PORT of a Ray head's GCS) if a Ray cluster answers there; RayClusterError if not.
+
+    `ray.init(address=...)` waits indefinitely for an address where nothing answers (still waiting
+    after 5 minutes, measured), so the address is tried first: a TCP connection (refused at once,
+    or no answer within `timeout` seconds), then the GCS's cluster id, as `ray health-check` asks
+    it (a port that answers but is no GCS fails after about 35 s).
+    """
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in address:
+        raise RayClusterError(f"--ray-address {address!r}: expected HOST:PORT of the Ray head, the "
+                              f"--port of its `ray start --head` (Ray's default is 6379)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise RayClusterError(f"no Ray cluster answers at {address} ({err}); start one with "
+                              f"`ray start --head --port {port}` on {host}") from None
+    from ray._raylet import GcsClient  # what `ray health-check` uses; Ray has no public equivalent
+
+    try:
+        GcsClient(address=address).cluster_id
+    except Exception as err:
+        raise RayClusterError(f"{address} answers but is not the head of a Ray cluster: {err}") from None
+    return address
+
+
 def _ray_env() -> None:
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -135,8 +166,13 @@ def _ray_env() -> None:
 
 
 def run_ray(config: dict[str, Any], out_dir: str | Path, *, progress: bool = True,
-            cpus_per_client: float = 1.0, resume: bool = False, overwrite: bool = False) -> dict:
-    """Run `config` on Flower's simulation engine (Ray); returns the summary."""
+            cpus_per_client: float = 1.0, resume: bool = False, overwrite: bool = False,
+            ray_address: str | None = None) -> dict:
+    """Run `config` on Flower's simulation engine (Ray); returns the summary.
+
+    Without `ray_address`, on a Ray instance started for the run with this machine's CPUs; with it
+    (HOST:PORT of a Ray head), on that running cluster, which is left running afterwards.
+    """
     import json
 
     from flwr.simulation import run_simulation
@@ -144,6 +180,8 @@ def run_ray(config: dict[str, Any], out_dir: str | Path, *, progress: bool = Tru
     from fedcmd.client_app import app as client_app
     from fedcmd.server import run_server_app
 
+    if ray_address is not None:
+        check_ray_address(ray_address)
     _ray_env()
     server_app = ServerApp()
     errors: list[BaseException] = []
@@ -157,9 +195,12 @@ def run_ray(config: dict[str, Any], out_dir: str | Path, *, progress: bool = Tru
             errors.append(err)
             raise
 
+    # Flower passes init_args to ray.init as they are. Attaching, ray.init refuses num_cpus (the
+    # nodes declared theirs); "local" starts a new instance even where RAY_ADDRESS names a cluster.
+    where = {"address": ray_address} if ray_address else {"address": "local", "num_cpus": os.cpu_count()}
     backend_config = {"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
-                      "init_args": {"num_cpus": os.cpu_count(), "include_dashboard": False,
-                                    "logging_level": "error", "log_to_driver": True}}
+                      "init_args": {**where, "include_dashboard": False, "logging_level": "error",
+                                    "log_to_driver": True}}
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=config["num-clients"],
                    backend_config=backend_config)
     if errors:
