@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # real Ray cluster (minutes): `make test-fast` leaves it out
+
 from fedcmd.cli import main
 from fedcmd.config import load_config
 from fedcmd.deploy import free_port
