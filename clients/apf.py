@@ -51,27 +51,36 @@ class SyncedModel:
         return synced
 
     def save(self, context: Context) -> None:
-        context.state[STATE_KEY] = ArrayRecord({
-            "weights": Array(self.weights),
-            "versions": Array(np.array([self.model_version, self.mask_version], dtype=np.int64)),
-            "active": Array(np.packbits(self.active)),
-        })
+        context.state[STATE_KEY] = ArrayRecord(
+            {
+                "weights": Array(self.weights),
+                "versions": Array(np.array([self.model_version, self.mask_version], dtype=np.int64)),
+                "active": Array(np.packbits(self.active)),
+            }
+        )
 
     def _positions(self, content: RecordDict, head: SyncHead) -> np.ndarray:
         kind = head.kind
         if self.weights is None:
-            raise SyncError(f"'{kind}' catch-up from model version {head.from_version}, "
-                            "but this client holds no synchronised model")
+            raise SyncError(
+                f"'{kind}' catch-up from model version {head.from_version}, but this client holds no synchronised model"
+            )
         if not head.from_version <= self.model_version <= head.model_version:
-            raise SyncError(f"'{kind}' catch-up covers model versions {head.from_version}.."
-                            f"{head.model_version}, but this client holds version {self.model_version}")
+            raise SyncError(
+                f"'{kind}' catch-up covers model versions {head.from_version}.."
+                f"{head.model_version}, but this client holds version {self.model_version}"
+            )
         if kind == "delta" and self.model_version != head.model_version - 1:
-            raise SyncError(f"'delta' catch-up for model version {head.model_version}, "
-                            f"but this client holds version {self.model_version}")
+            raise SyncError(
+                f"'delta' catch-up for model version {head.model_version}, "
+                f"but this client holds version {self.model_version}"
+            )
         if kind in ("derived", "delta"):
             if self.mask_version != head.base_mask_version:
-                raise SyncError(f"'derived' catch-up assumes mask version {head.base_mask_version}, "
-                                f"but this client holds version {self.mask_version}")
+                raise SyncError(
+                    f"'derived' catch-up assumes mask version {head.base_mask_version}, "
+                    f"but this client holds version {self.mask_version}"
+                )
             return np.flatnonzero(self.active)
         if kind == "explicit":
             changed = unpack_mask(content, CHANGED, self.n_params)
@@ -87,8 +96,10 @@ class SyncedModel:
         if mask_version == 0:
             return np.ones(self.n_params, dtype=bool)
         if mask_version != self.mask_version:
-            raise SyncError(f"message assumes mask version {mask_version} without sending it, "
-                            f"but this client holds version {self.mask_version}")
+            raise SyncError(
+                f"message assumes mask version {mask_version} without sending it, "
+                f"but this client holds version {self.mask_version}"
+            )
         return self.active
 
     def apply(self, content: RecordDict, codec: Codec | None = None) -> None:
@@ -119,11 +130,14 @@ def train(content: RecordDict, context: Context, config: Mapping[str, Any], part
     frozen = np.flatnonzero(~synced.active)
     model, _, _ = local_model(config)
     hook = hold_fixed(weight_layout, model, frozen, synced.weights[frozen])
-    uplink = Uplink(config, partition_id, synced.weights, buffers, {"weights": np.flatnonzero(synced.active),
-                                                                    "buffers": None})
-    _, _, metrics = train_locally(config, partition_id, synced.weights, buffers, step_hook=hook, context=context,
-                                  uplink=uplink)
+    uplink = Uplink(
+        config, partition_id, synced.weights, buffers, {"weights": np.flatnonzero(synced.active), "buffers": None}
+    )
+    _, _, metrics = train_locally(
+        config, partition_id, synced.weights, buffers, step_hook=hook, context=context, uplink=uplink
+    )
     reply = uplink.content
-    reply["metrics"] = MetricRecord({**metrics, "model-version": synced.model_version,
-                                     "mask-version": synced.mask_version})
+    reply["metrics"] = MetricRecord(
+        {**metrics, "model-version": synced.model_version, "mask-version": synced.mask_version}
+    )
     return reply

@@ -53,29 +53,43 @@ class CoefficientStore:
         return store
 
     def save(self, context: Context) -> None:
-        context.state[STORE_KEY] = ArrayRecord({
-            "version": Array(np.array([self.version], dtype=np.int64)),
-            "mask": Array(np.packbits(self.embedded)),
-            "a": Array(self.a), "b": Array(self.b), "mode": Array(self.mode),
-            "reference-index": Array(self.reference_index),
-        })
+        context.state[STORE_KEY] = ArrayRecord(
+            {
+                "version": Array(np.array([self.version], dtype=np.int64)),
+                "mask": Array(np.packbits(self.embedded)),
+                "a": Array(self.a),
+                "b": Array(self.b),
+                "mode": Array(self.mode),
+                "reference-index": Array(self.reference_index),
+            }
+        )
 
     def nbytes(self) -> int:
         """Bytes the store occupies (what a client keeps between rounds)."""
-        return (self.n_params + 7) // 8 + self.a.nbytes + self.b.nbytes + self.mode.nbytes + self.reference_index.nbytes + 8
+        return (
+            (self.n_params + 7) // 8
+            + self.a.nbytes
+            + self.b.nbytes
+            + self.mode.nbytes
+            + self.reference_index.nbytes
+            + 8
+        )
 
     # ----- updates -----------------------------------------------------------------------------
-    def apply(self, from_version: int, to_version: int, events: list[EmbeddingEvent],
-              reference_index: np.ndarray | None) -> None:
+    def apply(
+        self, from_version: int, to_version: int, events: list[EmbeddingEvent], reference_index: np.ndarray | None
+    ) -> None:
         """Apply the events from_version..to_version-1, skipping (after checking) those already held."""
         if from_version > self.version:
             raise StoreVersionError(
                 f"coefficient delta starts at store version {from_version} but this client holds version "
-                f"{self.version}: events {self.version}..{from_version - 1} are missing; refusing the delta")
+                f"{self.version}: events {self.version}..{from_version - 1} are missing; refusing the delta"
+            )
         if to_version < self.version:
             raise StoreVersionError(
                 f"coefficient delta ends at store version {to_version} but this client already holds version "
-                f"{self.version}: the server's log is behind this client; refusing the delta")
+                f"{self.version}: the server's log is behind this client; refusing the delta"
+            )
         if reference_index is not None:
             if self.reference_index.size and not np.array_equal(reference_index, self.reference_index):
                 raise StoreVersionError("coefficient delta carries reference indices that differ from the store's")
@@ -91,8 +105,11 @@ class CoefficientStore:
         a[index], b[index], mode[index] = self.a, self.b, self.mode
         for version, event in enumerate(events, start=from_version):
             if version < self.version:
-                if not (self.embedded[event.index].all() and np.array_equal(a[event.index], event.a)
-                        and np.array_equal(b[event.index], event.b)):
+                if not (
+                    self.embedded[event.index].all()
+                    and np.array_equal(a[event.index], event.a)
+                    and np.array_equal(b[event.index], event.b)
+                ):
                     raise StoreVersionError(f"event {version} of the delta differs from the one this client holds")
                 continue
             if self.embedded[event.index].any():

@@ -59,19 +59,28 @@ def local_model(config: Mapping[str, Any]) -> tuple[nn.Module, ParamLayout, Para
 class LocalTrainingState:
     """A client's batch-stream position and optimiser state between rounds (see module docstring)."""
 
-    def __init__(self, position: tuple[int, int] = (0, 0), optimizer: dict[str, np.ndarray] | None = None,
-                 trained_round: int = 0, residual: dict[str, np.ndarray] | None = None) -> None:
+    def __init__(
+        self,
+        position: tuple[int, int] = (0, 0),
+        optimizer: dict[str, np.ndarray] | None = None,
+        trained_round: int = 0,
+        residual: dict[str, np.ndarray] | None = None,
+    ) -> None:
         self.position = position
-        self.optimizer = optimizer or {}   # "<param index>/<state name>" -> array
+        self.optimizer = optimizer or {}  # "<param index>/<state name>" -> array
         self.trained_round = trained_round
-        self.residual = residual or {}     # "weights" / "buffers" -> topk uplink error-feedback residual
+        self.residual = residual or {}  # "weights" / "buffers" -> topk uplink error-feedback residual
 
     # --- the node's context.state ---------------------------------------------------------------
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> "LocalTrainingState":
         pass_index, offset, trained_round = (int(v) for v in arrays["position"])
-        return cls((pass_index, offset), {k[4:]: v for k, v in arrays.items() if k.startswith("opt/")}, trained_round,
-                   {k[3:]: np.array(v) for k, v in arrays.items() if k.startswith("ef/")})
+        return cls(
+            (pass_index, offset),
+            {k[4:]: v for k, v in arrays.items() if k.startswith("opt/")},
+            trained_round,
+            {k[3:]: np.array(v) for k, v in arrays.items() if k.startswith("ef/")},
+        )
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         arrays = {"position": np.array([*self.position, self.trained_round], dtype=np.int64)}
@@ -87,13 +96,18 @@ class LocalTrainingState:
         return cls.from_arrays({k: record[k].numpy() for k in record})
 
     def save(self, context: Context) -> None:
-        context.state[STATE_KEY] = ArrayRecord({k: Array(np.require(v, requirements="C")) for k, v in self.to_arrays().items()})
+        context.state[STATE_KEY] = ArrayRecord(
+            {k: Array(np.require(v, requirements="C")) for k, v in self.to_arrays().items()}
+        )
 
     # --- the optimiser --------------------------------------------------------------------------
     @staticmethod
     def capture(optimiser: torch.optim.Optimizer) -> dict[str, np.ndarray]:
-        return {f"{index}/{name}": value.detach().cpu().numpy().copy() if torch.is_tensor(value) else np.array(value)
-                for index, entries in optimiser.state_dict()["state"].items() for name, value in entries.items()}
+        return {
+            f"{index}/{name}": value.detach().cpu().numpy().copy() if torch.is_tensor(value) else np.array(value)
+            for index, entries in optimiser.state_dict()["state"].items()
+            for name, value in entries.items()
+        }
 
     def restore(self, optimiser: torch.optim.Optimizer) -> None:
         if not self.optimizer:
@@ -163,8 +177,12 @@ class HeldModel:
         return cls(record["weights"].numpy(), int(record["version"].numpy()[0]))
 
     def save(self, context: Context) -> None:
-        context.state[self.KEY] = ArrayRecord({"weights": Array(np.ascontiguousarray(self.weights)),
-                                               "version": Array(np.array([self.version], dtype=np.int64))})
+        context.state[self.KEY] = ArrayRecord(
+            {
+                "weights": Array(np.ascontiguousarray(self.weights)),
+                "version": Array(np.array([self.version], dtype=np.int64)),
+            }
+        )
 
 
 class SyncError(ValueError):
@@ -182,8 +200,10 @@ class Downlink:
         self.held = HeldModel.load(context) if self.head is not None else None
         if self.head is not None and self.head["kind"] == "delta":
             if self.held.version != int(self.head["model-version"]) - 1:
-                raise SyncError(f"'delta' message for model version {self.head['model-version']}, but this client "
-                                f"holds version {self.held.version}")
+                raise SyncError(
+                    f"'delta' message for model version {self.head['model-version']}, but this client "
+                    f"holds version {self.held.version}"
+                )
 
     @property
     def version(self) -> int | None:
@@ -208,14 +228,20 @@ class Uplink:
     part not sent is kept as the client's residual (error feedback) and added to the next change,
     per position of the weights (or buffers): `LocalTrainingState.residual`, saved with the state."""
 
-    def __init__(self, config: Mapping[str, Any], partition_id: int, received: np.ndarray,
-                 received_buffers: np.ndarray, records: dict[str, np.ndarray | None],
-                 exact: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        config: Mapping[str, Any],
+        partition_id: int,
+        received: np.ndarray,
+        received_buffers: np.ndarray,
+        records: dict[str, np.ndarray | None],
+        exact: tuple[str, ...] = (),
+    ) -> None:
         self.config, self.partition_id = config, partition_id
         self.codec = make_codec(config, "up")
         self.received, self.received_buffers = received, received_buffers
         self.positions = records  # record key -> weight positions (None for "buffers": all of them)
-        self.exact = exact        # records that always go as they are (CMD's references)
+        self.exact = exact  # records that always go as they are (CMD's references)
         self.content = RecordDict()
 
     def encode(self, weights: np.ndarray, buffers: np.ndarray, state: "LocalTrainingState | None") -> RecordDict:
@@ -240,10 +266,16 @@ class Uplink:
         return self.content
 
 
-def train_locally(config: Mapping[str, Any], partition_id: int, weights: np.ndarray, buffers: np.ndarray,
-                  step_hook: Callable[[nn.Module], None] | None = None, context: Context | None = None,
-                  uplink: Uplink | None = None, penalty: Callable[[nn.Module], torch.Tensor] | None = None,
-                  ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+def train_locally(
+    config: Mapping[str, Any],
+    partition_id: int,
+    weights: np.ndarray,
+    buffers: np.ndarray,
+    step_hook: Callable[[nn.Module], None] | None = None,
+    context: Context | None = None,
+    uplink: Uplink | None = None,
+    penalty: Callable[[nn.Module], torch.Tensor] | None = None,
+) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
     """Load (weights, buffers) into the model, train on this client's partition, return the result.
 
     `context` is the node's: it carries the batch-stream position and optimiser state between
@@ -261,11 +293,20 @@ def train_locally(config: Mapping[str, Any], partition_id: int, weights: np.ndar
     files, state = None, None
     if keeps_local_state(config):  # the node's own state, else its newest file, else a fresh start
         files = _state_files(config, context, partition_id)
-        state = ((LocalTrainingState.load(context) if context is not None else None)
-                 or (files.latest_before(server_round) if files else None) or LocalTrainingState())
-    optimiser = make_optimizer(model.parameters(), config["optimizer"], lr=config["lr"], momentum=config["momentum"],
-                               weight_decay=config["weight-decay"], betas=(config["adam-beta1"], config["adam-beta2"]),
-                               eps=config["adam-eps"])
+        state = (
+            (LocalTrainingState.load(context) if context is not None else None)
+            or (files.latest_before(server_round) if files else None)
+            or LocalTrainingState()
+        )
+    optimiser = make_optimizer(
+        model.parameters(),
+        config["optimizer"],
+        lr=config["lr"],
+        momentum=config["momentum"],
+        weight_decay=config["weight-decay"],
+        betas=(config["adam-beta1"], config["adam-beta2"]),
+        eps=config["adam-eps"],
+    )
     if state is not None and config["optimizer-state"] == "keep":
         state.restore(optimiser)
     if config["local-steps"] > 0:
@@ -273,8 +314,12 @@ def train_locally(config: Mapping[str, Any], partition_id: int, weights: np.ndar
         batches = stream.take(config["local-steps"])
     else:
         stream = None
-        batches = epoch_batches(len(index), config["batch-size"], config["local-epochs"],
-                                local_seed(config["seed"], server_round, partition_id))
+        batches = epoch_batches(
+            len(index),
+            config["batch-size"],
+            config["local-epochs"],
+            local_seed(config["seed"], server_round, partition_id),
+        )
     # batches hold positions within the partition; training reads those samples from the shared set
     started = time.perf_counter()
     result = run_steps(model, data.train_x, data.train_y, (index[b] for b in batches), optimiser, step_hook, penalty)
@@ -291,13 +336,18 @@ def train_locally(config: Mapping[str, Any], partition_id: int, weights: np.ndar
             state.save(context)
         if files is not None:
             files.write(state)
-    metrics = {"num-examples": float(len(index)), "train-loss": float(result["train_loss"]),
-               "local-steps": float(result["steps"]), "train-seconds": seconds}
+    metrics = {
+        "num-examples": float(len(index)),
+        "train-loss": float(result["train_loss"]),
+        "local-steps": float(result["steps"]),
+        "train-seconds": seconds,
+    }
     return trained, trained_buffers, metrics
 
 
-def hold_fixed(layout: ParamLayout, model: nn.Module, index: np.ndarray, values: np.ndarray
-               ) -> Callable[[nn.Module], None] | None:
+def hold_fixed(
+    layout: ParamLayout, model: nn.Module, index: np.ndarray, values: np.ndarray
+) -> Callable[[nn.Module], None] | None:
     """A step hook that writes `values` back into the flat positions `index` after every step.
 
     Used for parameters a strategy keeps out of local training (frozen embedded CMD weights, frozen

@@ -21,16 +21,24 @@ from fedcmd.wire import read_buffers
 Penalty = Callable[[np.ndarray], Callable[[nn.Module], torch.Tensor] | None]
 
 
-def train(content: RecordDict, context: Context, config: Mapping[str, Any], partition_id: int,
-          penalty: Penalty | None = None) -> RecordDict:
+def train(
+    content: RecordDict, context: Context, config: Mapping[str, Any], partition_id: int, penalty: Penalty | None = None
+) -> RecordDict:
     weight_layout, buffer_layout = task.layouts(config)
     downlink = Downlink(content, context, config)
     weights = downlink.values("weights", weight_layout.numel)
     downlink.keep(weights)
     buffers = read_buffers(content, buffer_layout.numel)
     uplink = Uplink(config, partition_id, weights, buffers, {"weights": None, "buffers": None})
-    _, _, metrics = train_locally(config, partition_id, weights, buffers, context=context, uplink=uplink,
-                                  penalty=penalty(weights) if penalty is not None else None)
+    _, _, metrics = train_locally(
+        config,
+        partition_id,
+        weights,
+        buffers,
+        context=context,
+        uplink=uplink,
+        penalty=penalty(weights) if penalty is not None else None,
+    )
     reply = uplink.content
     reply["metrics"] = MetricRecord({**metrics, **({"model-version": downlink.version} if downlink.head else {})})
     return reply

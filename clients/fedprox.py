@@ -35,5 +35,6 @@ def proximal_term(mu: float, global_weights: np.ndarray) -> Callable[[nn.Module]
 
 def train(content: RecordDict, context: Context, config: Mapping[str, Any], partition_id: int) -> RecordDict:
     mu = float(config["fedprox-mu"])
-    return fedavg.train(content, context, config, partition_id,
-                        penalty=lambda weights: proximal_term(mu, weights) if mu > 0 else None)
+    return fedavg.train(
+        content, context, config, partition_id, penalty=lambda weights: proximal_term(mu, weights) if mu > 0 else None
+    )

@@ -66,10 +66,12 @@ def sgd_run(data, seed: int, args) -> dict:
     """One SGD run watched by online CMD (two clusterings), EMA and SWA."""
     model = build_model("lenet5", data.in_shape, data.num_classes, seed=seed)
     cmd = CMDCallback(model, args.modes, args.warmup, n_samples=args.samples, seed=seed)
-    cmd_authors = CMDCallback(model, args.modes, args.warmup, n_samples=args.samples, seed=seed,
-                              clustering="hierarchical")
-    cmd_from_epoch1 = CMDCallback(model, args.modes, args.warmup, n_samples=args.samples, seed=seed,
-                                  observe_initial=False)
+    cmd_authors = CMDCallback(
+        model, args.modes, args.warmup, n_samples=args.samples, seed=seed, clustering="hierarchical"
+    )
+    cmd_from_epoch1 = CMDCallback(
+        model, args.modes, args.warmup, n_samples=args.samples, seed=seed, observe_initial=False
+    )
     ema = EMACallback(model, args.ema_decay)
     swa = SWACallback(model, args.swa_start or args.warmup)
     layout = cmd.layout
@@ -85,20 +87,41 @@ def sgd_run(data, seed: int, args) -> dict:
         curve.append(row)
         print(f"  seed {seed} sgd run, epoch {epoch}: {row}", flush=True)
 
-    train_with_callbacks(model, data.train_x, data.train_y, epochs=args.epochs, batch_size=args.batch_size,
-                         lr=args.lr, momentum=args.momentum, seed=seed,
-                         callbacks=[SimpleNamespace(on_epoch_end=lambda _: snapshots.append(layout.flatten(model))),
-                                    cmd, cmd_authors, cmd_from_epoch1, ema, swa, SimpleNamespace(on_epoch_end=record)])
+    train_with_callbacks(
+        model,
+        data.train_x,
+        data.train_y,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        momentum=args.momentum,
+        seed=seed,
+        callbacks=[
+            SimpleNamespace(on_epoch_end=lambda _: snapshots.append(layout.flatten(model))),
+            cmd,
+            cmd_authors,
+            cmd_from_epoch1,
+            ema,
+            swa,
+            SimpleNamespace(on_epoch_end=record),
+        ],
+    )
     with cmd_authors.cmd_model():
         authors = accuracy(model, data)
     with cmd_from_epoch1.cmd_model():
         from_epoch1 = accuracy(model, data)
     posthoc = posthoc_cmd(model, layout, np.stack(snapshots, axis=1), data, seed, args)
-    return {"sgd": curve[-1]["sgd"], "online_cmd": curve[-1]["online_cmd"], "online_cmd_authors": authors,
-            "online_cmd_from_epoch1": from_epoch1, "posthoc": posthoc,
-            "ema": accuracy(ema.averaged.module, data), "swa": accuracy(swa.averaged.module, data),
-            "modes_found": {"pam": cmd.online.n_modes, "authors": cmd_authors.online.n_modes},
-            "curve": curve}
+    return {
+        "sgd": curve[-1]["sgd"],
+        "online_cmd": curve[-1]["online_cmd"],
+        "online_cmd_authors": authors,
+        "online_cmd_from_epoch1": from_epoch1,
+        "posthoc": posthoc,
+        "ema": accuracy(ema.averaged.module, data),
+        "swa": accuracy(swa.averaged.module, data),
+        "modes_found": {"pam": cmd.online.n_modes, "authors": cmd_authors.online.n_modes},
+        "curve": curve,
+    }
 
 
 def posthoc_cmd(model, layout, trajectory: np.ndarray, data, seed: int, args) -> dict:
@@ -112,8 +135,10 @@ def posthoc_cmd(model, layout, trajectory: np.ndarray, data, seed: int, args) ->
         fitted = fit_cmd(trajectory, args.modes, args.samples, seed, layout.tensor_sizes, **options)
         reconstruction = fitted.reconstruct(trajectory[fitted.reference_index])
         layout.load(model, reconstruction[:, -1])
-        out[name] = {"unexplained_motion": float(np.linalg.norm(reconstruction - trajectory) / motion),
-                     "accuracy": accuracy(model, data)}
+        out[name] = {
+            "unexplained_motion": float(np.linalg.norm(reconstruction - trajectory) / motion),
+            "accuracy": accuracy(model, data),
+        }
     layout.load(model, final)
     return out
 
@@ -132,9 +157,17 @@ def embedded_run(data, seed: int, args) -> dict:
         curve.append(row)
         print(f"  seed {seed} embedded run, epoch {epoch}: {row}", flush=True)
 
-    train_with_callbacks(model, data.train_x, data.train_y, epochs=args.epochs, batch_size=args.batch_size,
-                         lr=args.lr, momentum=args.momentum, seed=seed,
-                         callbacks=[cmd, SimpleNamespace(on_epoch_end=record)])
+    train_with_callbacks(
+        model,
+        data.train_x,
+        data.train_y,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        momentum=args.momentum,
+        seed=seed,
+        callbacks=[cmd, SimpleNamespace(on_epoch_end=record)],
+    )
     return {"embedded_cmd": curve[-1]["accuracy"], "curve": curve}
 
 
@@ -159,28 +192,45 @@ def write_markdown(path: Path, args, runs: list[dict], seconds: float) -> str:
     ]
     for key, label in METHODS.items():
         lines.append(f"| {label} | {mean_std([r[key] for r in runs])} |")
-    lines += ["", "Per epoch from F on (mean over seeds): embedded CMD's fraction of embedded weights and network "
-              "accuracy (%); the SGD run's accuracy and its online CMD model's accuracy (%).", "",
-              "| epoch | embedded fraction | accuracy (%) | SGD run accuracy (%) | online CMD (%) |",
-              "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Per epoch from F on (mean over seeds): embedded CMD's fraction of embedded weights and network "
+        "accuracy (%); the SGD run's accuracy and its online CMD model's accuracy (%).",
+        "",
+        "| epoch | embedded fraction | accuracy (%) | SGD run accuracy (%) | online CMD (%) |",
+        "|---|---|---|---|---|",
+    ]
     for e in range(len(runs[0]["curve"])):
         embedded = [r["embedded_curve"][e] for r in runs]
         sgd = [r["curve"][e] for r in runs]
-        lines.append(f"| {sgd[0]['epoch']} | {np.mean([row['embedded_fraction'] for row in embedded]):.3f} | "
-                     f"{100 * np.mean([row['accuracy'] for row in embedded]):.2f} | "
-                     f"{100 * np.mean([row['sgd'] for row in sgd]):.2f} | "
-                     f"{100 * np.mean([row['online_cmd'] for row in sgd]):.2f} |")
-    lines += ["", "Post-hoc CMD of each whole SGD run (snapshots 0..E), mean +- std over seeds: fraction of the "
-              "weights' motion left unexplained, ||W_cmd - W|| / ||W - mean_t W|| (Frobenius), and test accuracy "
-              "(%) of the modelled last snapshot.", "",
-              "| clustering | unexplained motion | accuracy (%) |", "|---|---|---|"]
+        lines.append(
+            f"| {sgd[0]['epoch']} | {np.mean([row['embedded_fraction'] for row in embedded]):.3f} | "
+            f"{100 * np.mean([row['accuracy'] for row in embedded]):.2f} | "
+            f"{100 * np.mean([row['sgd'] for row in sgd]):.2f} | "
+            f"{100 * np.mean([row['online_cmd'] for row in sgd]):.2f} |"
+        )
+    lines += [
+        "",
+        "Post-hoc CMD of each whole SGD run (snapshots 0..E), mean +- std over seeds: fraction of the "
+        "weights' motion left unexplained, ||W_cmd - W|| / ||W - mean_t W|| (Frobenius), and test accuracy "
+        "(%) of the modelled last snapshot.",
+        "",
+        "| clustering | unexplained motion | accuracy (%) |",
+        "|---|---|---|",
+    ]
     for key, label in (("pam", "PAM (default)"), ("authors", "authors' complete linkage")):
         unexplained = np.array([r["posthoc"][key]["unexplained_motion"] for r in runs])
-        lines.append(f"| {label} | {unexplained.mean():.4f} +- {unexplained.std(ddof=1) if len(runs) > 1 else 0:.4f} | "
-                     f"{mean_std([r['posthoc'][key]['accuracy'] for r in runs])} |")
+        lines.append(
+            f"| {label} | {unexplained.mean():.4f} +- {unexplained.std(ddof=1) if len(runs) > 1 else 0:.4f} | "
+            f"{mean_std([r['posthoc'][key]['accuracy'] for r in runs])} |"
+        )
     modes = {k: sorted({r["modes_found"][k] for r in runs}) for k in ("pam", "authors")}
-    lines += ["", f"Modes found: {modes}. Wall time {seconds / 60:.1f} min with {args.threads} thread(s).",
-              "Reproduce: `.venv/bin/python experiments/centralised_cmd.py`", ""]
+    lines += [
+        "",
+        f"Modes found: {modes}. Wall time {seconds / 60:.1f} min with {args.threads} thread(s).",
+        "Reproduce: `.venv/bin/python experiments/centralised_cmd.py`",
+        "",
+    ]
     text = "\n".join(lines)
     path.write_text(text)
     return text
@@ -198,11 +248,15 @@ def main() -> None:
     for seed in args.seeds:
         run = sgd_run(data, seed, args)
         embedded = embedded_run(data, seed, args)
-        runs.append({**run, "embedded_cmd": embedded["embedded_cmd"], "embedded_curve": embedded["curve"],
-                     "seed": seed})
-        (args.out / "results.json").write_text(json.dumps(
-            {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "runs": runs},
-            indent=1))
+        runs.append(
+            {**run, "embedded_cmd": embedded["embedded_cmd"], "embedded_curve": embedded["curve"], "seed": seed}
+        )
+        (args.out / "results.json").write_text(
+            json.dumps(
+                {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "runs": runs},
+                indent=1,
+            )
+        )
     print(write_markdown(args.out / "results.md", args, runs, time.time() - start))
 
 

@@ -23,10 +23,17 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 TOPK_FRACTION = 0.1
 # row: (method, codec); "none" is the float32 baseline
-ROWS = {"fedavg": ("fedavg", "none"), "cmd-int8": ("cmd", "int8"), "fedavg-int8": ("fedavg", "int8"),
-        "cmd-fp16": ("cmd", "fp16"), "fedavg-fp16": ("fedavg", "fp16"), "cmd-topk": ("cmd", "topk"),
-        "fedavg-topk": ("fedavg", "topk"), "apf-int8": ("apf", "int8"),
-        "cmd": ("cmd", "none")}  # CMD in float32: what the codec adds to CMD's own effect
+ROWS = {
+    "fedavg": ("fedavg", "none"),
+    "cmd-int8": ("cmd", "int8"),
+    "fedavg-int8": ("fedavg", "int8"),
+    "cmd-fp16": ("cmd", "fp16"),
+    "fedavg-fp16": ("fedavg", "fp16"),
+    "cmd-topk": ("cmd", "topk"),
+    "fedavg-topk": ("fedavg", "topk"),
+    "apf-int8": ("apf", "int8"),
+    "cmd": ("cmd", "none"),
+}  # CMD in float32: what the codec adds to CMD's own effect
 
 
 def out_folder(variant: str) -> Path:
@@ -35,8 +42,19 @@ def out_folder(variant: str) -> Path:
 
 def run_row(variant: str, row: str, seed: int) -> int:
     method, codec = ROWS[row]
-    command = [sys.executable, str(HERE / "table3" / "run.py"), "--variant", variant, "--methods", method,
-               "--seeds", str(seed), "--out", str(out_folder(variant)), "--quiet"]
+    command = [
+        sys.executable,
+        str(HERE / "table3" / "run.py"),
+        "--variant",
+        variant,
+        "--methods",
+        method,
+        "--seeds",
+        str(seed),
+        "--out",
+        str(out_folder(variant)),
+        "--quiet",
+    ]
     if codec != "none":
         command += ["--tag", codec, "--set", f"codec-up={codec}", "--set", f"codec-down={codec}"]
         if codec == "topk":

@@ -67,15 +67,23 @@ from pathlib import Path
 from typing import Any
 
 from fedcmd.config import resolve, to_toml
-from fedcmd.deploy import (LOOPBACK, _exit_on_sigterm, flower_bin, free_port, live_group_members,
-                           stop_process_groups)
+from fedcmd.deploy import LOOPBACK, _exit_on_sigterm, flower_bin, free_port, live_group_members, stop_process_groups
 
 PROJECT = Path(__file__).resolve().parents[1]
 MARKER = "FEDCMD_RAY_CLUSTER"  # set for both `ray start`s, inherited by what they start
 NODE_NAMES = ("head", "worker")
-CONFIG = {"dataset": "synthetic", "synthetic-train-size": 400, "synthetic-test-size": 200, "model": "mlp",
-          "num-clients": 4, "num-server-rounds": 2, "batch-size": 16, "local-epochs": 1, "lr": 0.05,
-          "strategy": "fedavg"}
+CONFIG = {
+    "dataset": "synthetic",
+    "synthetic-train-size": 400,
+    "synthetic-test-size": 200,
+    "model": "mlp",
+    "num-clients": 4,
+    "num-server-rounds": 2,
+    "batch-size": 16,
+    "local-epochs": 1,
+    "lr": 0.05,
+    "strategy": "fedavg",
+}
 
 
 @contextmanager
@@ -113,30 +121,62 @@ class LocalRayCluster:
         return f"{LOOPBACK}:{self.port}"
 
     def env(self) -> dict[str, str]:
-        return {**os.environ, MARKER: self.token, "RAY_USAGE_STATS_ENABLED": "0",
-                "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-                "PYTHONPATH": os.pathsep.join([str(PROJECT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+        return {
+            **os.environ,
+            MARKER: self.token,
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+            "PYTHONPATH": os.pathsep.join([str(PROJECT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        }
 
     def _ray_start(self, name: str, args: list[str], timeout: float) -> None:
-        command = [flower_bin("ray"), "start", *args, "--num-cpus", str(self.cpus_per_node), "--num-gpus", "0",
-                   "--resources", json.dumps({f"fedcmd-{name}": 1}), "--temp-dir", str(self.temp_root / name),
-                   "--dashboard-agent-listen-port", str(free_port()), "--disable-usage-stats"]
+        command = [
+            flower_bin("ray"),
+            "start",
+            *args,
+            "--num-cpus",
+            str(self.cpus_per_node),
+            "--num-gpus",
+            "0",
+            "--resources",
+            json.dumps({f"fedcmd-{name}": 1}),
+            "--temp-dir",
+            str(self.temp_root / name),
+            "--dashboard-agent-listen-port",
+            str(free_port()),
+            "--disable-usage-stats",
+        ]
         with open(self.folder / f"ray-{name}.log", "wb") as log:
-            proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env(),
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env=self.env(), start_new_session=True
+            )
             self.groups[name] = proc.pid  # its children keep this group after it exits
             try:
                 code = proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                raise RuntimeError(f"`ray start` of the {name} node still running after {timeout} s; "
-                                   f"see {self.folder / f'ray-{name}.log'}") from None
+                raise RuntimeError(
+                    f"`ray start` of the {name} node still running after {timeout} s; "
+                    f"see {self.folder / f'ray-{name}.log'}"
+                ) from None
         if code != 0:
-            raise RuntimeError(f"`ray start` of the {name} node exited with {code}; see "
-                               f"{self.folder / f'ray-{name}.log'}")
+            raise RuntimeError(
+                f"`ray start` of the {name} node exited with {code}; see {self.folder / f'ray-{name}.log'}"
+            )
 
     def start(self, timeout: float = 300) -> "LocalRayCluster":
-        self._ray_start("head", ["--head", "--port", str(self.port), "--include-dashboard", "false",
-                                 "--ray-client-server-port", str(free_port())], timeout)
+        self._ray_start(
+            "head",
+            [
+                "--head",
+                "--port",
+                str(self.port),
+                "--include-dashboard",
+                "false",
+                "--ray-client-server-port",
+                str(free_port()),
+            ],
+            timeout,
+        )
         self._ray_start("worker", [f"--address={self.address}"], timeout)
         self.wait_for_nodes(len(NODE_NAMES), timeout)
         return self
@@ -161,8 +201,16 @@ class LocalRayCluster:
             def node(node_id: str, resources: dict[str, float] | None = None) -> dict[str, Any]:
                 resources = resources or {}
                 name = next((k for k in NODE_NAMES if f"fedcmd-{k}" in resources), node_id or "unknown")
-                return nodes.setdefault(node_id, {"name": name, "node_id": node_id, "cpus": resources.get("CPU"),
-                                                  "actors": [], "client_messages": 0})
+                return nodes.setdefault(
+                    node_id,
+                    {
+                        "name": name,
+                        "node_id": node_id,
+                        "cpus": resources.get("CPU"),
+                        "actors": [],
+                        "client_messages": 0,
+                    },
+                )
 
             for info in ray.nodes():
                 node(info["NodeID"], info["Resources"])
@@ -219,10 +267,26 @@ def run_attached(cluster: LocalRayCluster, out: Path, timeout: float) -> tuple[d
     """`fedcmd run --engine ray --ray-address` on the cluster; returns the run's summary and seconds."""
     config_path = out / "config.toml"
     config_path.write_text(to_toml(resolve(CONFIG)))
-    command = [sys.executable, "-m", "fedcmd.cli", "run", str(config_path), "--engine", "ray",
-               "--ray-address", cluster.address, "--out", str(out / "run"), "--overwrite"]
-    env = {**os.environ, "FLWR_HOME": str(out / "flwr-home"), "FLWR_TELEMETRY_ENABLED": "0",
-           "PYTHONPATH": cluster.env()["PYTHONPATH"]}
+    command = [
+        sys.executable,
+        "-m",
+        "fedcmd.cli",
+        "run",
+        str(config_path),
+        "--engine",
+        "ray",
+        "--ray-address",
+        cluster.address,
+        "--out",
+        str(out / "run"),
+        "--overwrite",
+    ]
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(out / "flwr-home"),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "PYTHONPATH": cluster.env()["PYTHONPATH"],
+    }
     started = time.monotonic()
     with open(out / "run.log", "wb") as log:
         done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=out, timeout=timeout)
@@ -272,15 +336,19 @@ def main(argv: list[str] | None = None) -> int:
     report["total_seconds"] = round(time.monotonic() - started, 1)
     (out / "ray-cluster.json").write_text(json.dumps(report, indent=2) + "\n")
     for name, node in nodes.items():
-        print(f"[ray-cluster] {name} node {node['node_id'][:12]} ({node['cpus']} CPU): {len(node['actors'])} "
-              f"client actor(s) (pid {', '.join(map(str, node['actors'])) or '-'}), "
-              f"{node['client_messages']} client message(s)")
+        print(
+            f"[ray-cluster] {name} node {node['node_id'][:12]} ({node['cpus']} CPU): {len(node['actors'])} "
+            f"client actor(s) (pid {', '.join(map(str, node['actors'])) or '-'}), "
+            f"{node['client_messages']} client message(s)"
+        )
     if error:
         print(f"[ray-cluster] FAILED: {error}; Ray logs kept in {cluster.temp_root}", file=sys.stderr)
         return 1
     shutil.rmtree(cluster.temp_root, ignore_errors=True)
-    print(f"[ray-cluster] run {report['run_seconds']:.0f} s, final accuracy {report['final_accuracy']:.4f}, "
-          f"nothing left running; report in {out / 'ray-cluster.json'}")
+    print(
+        f"[ray-cluster] run {report['run_seconds']:.0f} s, final accuracy {report['final_accuracy']:.4f}, "
+        f"nothing left running; report in {out / 'ray-cluster.json'}"
+    )
     return 0
 
 

@@ -27,16 +27,21 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-BUDGET = 4000            # local steps per client, every point
+BUDGET = 4000  # local steps per client, every point
 POINTS = (10, 30, 60, 120)  # 120 steps of batch 100 = one epoch of a 12,000-sample partition
 METHODS = ("fedavg", "cmd", "apf", "a-apf")
 
 
 def point_settings(steps: int) -> dict[str, int]:
     rounds = round(BUDGET / steps)
-    return {"local-steps": steps, "num-server-rounds": rounds, "eval-every": max(1, round(rounds / 40)),
-            "apf-check-every": max(1, round(50 / steps)), "cmd-warmup": max(1, round(1000 / steps)),
-            "cmd-every": max(1, round(100 / steps))}
+    return {
+        "local-steps": steps,
+        "num-server-rounds": rounds,
+        "eval-every": max(1, round(rounds / 40)),
+        "apf-check-every": max(1, round(50 / steps)),
+        "cmd-warmup": max(1, round(1000 / steps)),
+        "cmd-every": max(1, round(100 / steps)),
+    }
 
 
 def point_folder(steps: int) -> Path:
@@ -45,8 +50,18 @@ def point_folder(steps: int) -> Path:
 
 def run_point(steps: int, seeds: list[int], methods: list[str]) -> int:
     settings = point_settings(steps)
-    command = [sys.executable, str(HERE / "table3" / "run.py"), "--variant", "apf-regime", "--out",
-               str(point_folder(steps)), "--seeds", *map(str, seeds), "--methods", *methods]
+    command = [
+        sys.executable,
+        str(HERE / "table3" / "run.py"),
+        "--variant",
+        "apf-regime",
+        "--out",
+        str(point_folder(steps)),
+        "--seeds",
+        *map(str, seeds),
+        "--methods",
+        *methods,
+    ]
     if steps != 10:  # the 10-step point is the APF-regime setting as it stands
         for key, value in settings.items():
             command += ["--set", f"{key}={value}"]
@@ -75,16 +90,21 @@ def collect() -> list[dict]:
         for method, members in groups.items():
             hits = {r.seed: r.to_target(target) for r in members}
             base_hits = {s: base[s].to_target(target) for s in hits}
-            rows.append({
-                "steps": steps, "method": method, "seeds": [r.seed for r in members],
-                "volume_bytes_pct": [100 * r.bytes / base[r.seed].bytes for r in members],
-                "volume_floats_pct": [100 * r.floats / base[r.seed].floats for r in members],
-                "final_accuracy_pct": [100 * r.summary["final_accuracy"] for r in members],
-                "target_pct": 100 * target,
-                "bytes_to_target_pct": [100 * hits[s][1] / base_hits[s][1] if hits[s] and base_hits[s] else None
-                                        for s in hits],
-                "mb_to_target": [hits[s][1] / 1e6 if hits[s] else None for s in hits],
-            })
+            rows.append(
+                {
+                    "steps": steps,
+                    "method": method,
+                    "seeds": [r.seed for r in members],
+                    "volume_bytes_pct": [100 * r.bytes / base[r.seed].bytes for r in members],
+                    "volume_floats_pct": [100 * r.floats / base[r.seed].floats for r in members],
+                    "final_accuracy_pct": [100 * r.summary["final_accuracy"] for r in members],
+                    "target_pct": 100 * target,
+                    "bytes_to_target_pct": [
+                        100 * hits[s][1] / base_hits[s][1] if hits[s] and base_hits[s] else None for s in hits
+                    ],
+                    "mb_to_target": [hits[s][1] / 1e6 if hits[s] else None for s in hits],
+                }
+            )
     return rows
 
 
@@ -94,16 +114,24 @@ def mean(values) -> float:
 
 
 def report(rows: list[dict]) -> str:
-    lines = ["| local steps per round | method | seeds | volume % (bytes) | volume % (floats) | final accuracy % "
-             "| bytes to target, % of FedAvg's | MB to target |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| local steps per round | method | seeds | volume % (bytes) | volume % (floats) | final accuracy % "
+        "| bytes to target, % of FedAvg's | MB to target |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         reached = [v for v in r["mb_to_target"] if v is not None]
-        to_target = (f"{mean(r['bytes_to_target_pct']):.1f} ({len(reached)} of {len(r['seeds'])} reached "
-                     f"{r['target_pct']:.2f}%) | {mean(reached):.1f}" if reached else
-                     f"not reached ({r['target_pct']:.2f}%) | not reached")
-        lines.append(f"| {r['steps']} | {r['method']} | {', '.join(map(str, r['seeds']))} "
-                     f"| {mean(r['volume_bytes_pct']):.1f} | {mean(r['volume_floats_pct']):.1f} "
-                     f"| {mean(r['final_accuracy_pct']):.2f} | {to_target} |")
+        to_target = (
+            f"{mean(r['bytes_to_target_pct']):.1f} ({len(reached)} of {len(r['seeds'])} reached "
+            f"{r['target_pct']:.2f}%) | {mean(reached):.1f}"
+            if reached
+            else f"not reached ({r['target_pct']:.2f}%) | not reached"
+        )
+        lines.append(
+            f"| {r['steps']} | {r['method']} | {', '.join(map(str, r['seeds']))} "
+            f"| {mean(r['volume_bytes_pct']):.1f} | {mean(r['volume_floats_pct']):.1f} "
+            f"| {mean(r['final_accuracy_pct']):.2f} | {to_target} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -121,10 +149,18 @@ def plot(rows: list[dict], out: Path) -> None:
         x = [r["steps"] for r in mine]
         axes[0].plot(x, [mean(r["volume_bytes_pct"]) for r in mine], marker="o", label=method)
         axes[1].plot(x, [mean(r["bytes_to_target_pct"]) for r in mine], marker="o", label=method)
-    axes[0].set(xscale="log", xlabel="local steps per round (log)", ylabel="bytes, % of FedAvg's (whole run)",
-                title="Volume ratio at a budget of 4,000 local steps per client")
-    axes[1].set(xscale="log", xlabel="local steps per round (log)", ylabel="bytes to target, % of FedAvg's",
-                title="Traffic to reach FedAvg's final accuracy - 0.5 pt")
+    axes[0].set(
+        xscale="log",
+        xlabel="local steps per round (log)",
+        ylabel="bytes, % of FedAvg's (whole run)",
+        title="Volume ratio at a budget of 4,000 local steps per client",
+    )
+    axes[1].set(
+        xscale="log",
+        xlabel="local steps per round (log)",
+        ylabel="bytes to target, % of FedAvg's",
+        title="Traffic to reach FedAvg's final accuracy - 0.5 pt",
+    )
     for ax in axes:
         ax.set_xticks(list(POINTS), [str(p) for p in POINTS])
         ax.grid(alpha=0.3)

@@ -55,8 +55,16 @@ class VolumeRow:
 
 
 # The columns of `VolumeAccountant.state_dict`, in VolumeRow's order (str: a numpy unicode array).
-COLUMN_DTYPES = {"round": np.int64, "client": np.int64, "direction": str, "category": str, "values": np.int64,
-                 "floats": np.float64, "raw_bytes": np.int64, "wire_bytes": np.int64}
+COLUMN_DTYPES = {
+    "round": np.int64,
+    "client": np.int64,
+    "direction": str,
+    "category": str,
+    "values": np.int64,
+    "floats": np.float64,
+    "raw_bytes": np.int64,
+    "wire_bytes": np.int64,
+}
 
 
 def wire_size(obj) -> int:
@@ -77,8 +85,14 @@ def deflated_length(obj, body_bytes: int, children: int) -> int:
     distinct children, without their ids: Flower's header is "<class> <comma-joined child ids>
     <body length>" (`add_header_to_object_body`), and every id is `ID_CHARS` long."""
     ids = children * (ID_CHARS + 1) - 1 if children else 0
-    return (len(type(obj).__qualname__) + 2 * len(HEAD_VALUE_DIVIDER) + ids + len(str(body_bytes))
-            + len(HEAD_BODY_DIVIDER) + body_bytes)
+    return (
+        len(type(obj).__qualname__)
+        + 2 * len(HEAD_VALUE_DIVIDER)
+        + ids
+        + len(str(body_bytes))
+        + len(HEAD_BODY_DIVIDER)
+        + body_bytes
+    )
 
 
 @lru_cache(maxsize=256)
@@ -174,15 +188,33 @@ class VolumeAccountant:
     def __init__(self) -> None:
         self.rows: list[VolumeRow] = []
 
-    def record(self, server_round: int, client: int, direction: str, category: str, *,
-               values: int, raw_bytes: int, wire_bytes: int) -> None:
+    def record(
+        self,
+        server_round: int,
+        client: int,
+        direction: str,
+        category: str,
+        *,
+        values: int,
+        raw_bytes: int,
+        wire_bytes: int,
+    ) -> None:
         if direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
         if category not in CATEGORIES and category != METADATA:
             raise ValueError(f"unknown volume category {category!r}")
-        self.rows.append(VolumeRow(int(server_round), int(client), direction, category, int(values),
-                                   raw_bytes / 4.0 if category != METADATA else 0.0,
-                                   int(raw_bytes), int(wire_bytes)))
+        self.rows.append(
+            VolumeRow(
+                int(server_round),
+                int(client),
+                direction,
+                category,
+                int(values),
+                raw_bytes / 4.0 if category != METADATA else 0.0,
+                int(raw_bytes),
+                int(wire_bytes),
+            )
+        )
 
     def record_message(self, server_round: int, client: int, direction: str, message: Message) -> int:
         """Count one message; returns its serialised size in bytes."""
@@ -193,8 +225,10 @@ class VolumeAccountant:
             category = key
             if key not in CATEGORIES or key == "unread":
                 if direction == "down":
-                    raise ValueError(f"a message to client {client} holds an array record under {key!r}, "
-                                     f"which the volume accountant does not know (categories: {CATEGORIES})")
+                    raise ValueError(
+                        f"a message to client {client} holds an array record under {key!r}, "
+                        f"which the volume accountant does not know (categories: {CATEGORIES})"
+                    )
                 category = "unread"
             counted += size
             if category in PAYLOADS:
@@ -223,9 +257,14 @@ class VolumeAccountant:
         t = self.totals(("direction",))
         zero = dict(values=0, floats=0.0, raw_bytes=0, wire_bytes=0)
         up, down = t.get(("up",), zero), t.get(("down",), zero)
-        return dict(floats_up=up["floats"], floats_down=down["floats"],
-                    bytes_up=up["wire_bytes"], bytes_down=down["wire_bytes"],
-                    raw_bytes_up=up["raw_bytes"], raw_bytes_down=down["raw_bytes"])
+        return dict(
+            floats_up=up["floats"],
+            floats_down=down["floats"],
+            bytes_up=up["wire_bytes"],
+            bytes_down=down["wire_bytes"],
+            raw_bytes_up=up["raw_bytes"],
+            raw_bytes_down=down["raw_bytes"],
+        )
 
     def bits_per_value(self) -> dict[str, float]:
         """Payload bits per dense value sent, per direction (32 for float32; NaN without payload)."""
@@ -252,9 +291,18 @@ class VolumeAccountant:
         acc = cls()
         with open(path, newline="") as fh:
             for rec in csv.DictReader(fh):
-                acc.rows.append(VolumeRow(int(rec["round"]), int(rec["client"]), rec["direction"], rec["category"],
-                                          int(rec["values"]), float(rec["floats"]), int(rec["raw_bytes"]),
-                                          int(rec["wire_bytes"])))
+                acc.rows.append(
+                    VolumeRow(
+                        int(rec["round"]),
+                        int(rec["client"]),
+                        rec["direction"],
+                        rec["category"],
+                        int(rec["values"]),
+                        float(rec["floats"]),
+                        int(rec["raw_bytes"]),
+                        int(rec["wire_bytes"]),
+                    )
+                )
         return acc
 
     def state_dict(self) -> dict[str, np.ndarray]:

@@ -62,8 +62,8 @@ class Algorithm:
     clients read beyond the keys every client needs (`fedcmd.config.CLIENT_KEYS`)."""
 
     name: str
-    server: str   # "module:Class", a strategies.base.FedcmdStrategy subclass
-    client: str   # "module:function", see `client_function`
+    server: str  # "module:Class", a strategies.base.FedcmdStrategy subclass
+    client: str  # "module:function", see `client_function`
     keys: dict[str, Key] = field(default_factory=dict)
     client_keys: tuple[str, ...] = ()
     doc: str = ""

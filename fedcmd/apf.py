@@ -88,13 +88,9 @@ class FreezingController:
         if not 0.0 <= tighten_at <= 1.0:
             raise ValueError(f"tighten_at must be in [0, 1], got {tighten_at!r}")
         if int(rounds_per_check) != rounds_per_check or rounds_per_check < 1:
-            raise ValueError(
-                f"rounds_per_check must be a positive integer, got {rounds_per_check!r}"
-            )
+            raise ValueError(f"rounds_per_check must be a positive integer, got {rounds_per_check!r}")
         if int(random_freeze_periods) != random_freeze_periods or random_freeze_periods < 1:
-            raise ValueError(
-                f"random_freeze_periods must be a positive integer, got {random_freeze_periods!r}"
-            )
+            raise ValueError(f"random_freeze_periods must be a positive integer, got {random_freeze_periods!r}")
         self.n_params = int(n_params)
         self.alpha = float(alpha)
         self.tighten_at = float(tighten_at)
@@ -207,9 +203,7 @@ class FreezingController:
         finite = np.isfinite(delta)
         if not finite.all():
             bad = np.flatnonzero(~finite)
-            raise ValueError(
-                f"delta has {bad.size} NaN or infinite value(s) as float32, first at index {bad[0]}"
-            )
+            raise ValueError(f"delta has {bad.size} NaN or infinite value(s) as float32, first at index {bad[0]}")
         return delta
 
     # -- checkpointing -----------------------------------------------------------------------
@@ -238,9 +232,7 @@ class FreezingController:
         for key, dtype in _STATE_ARRAYS.items():
             value = np.asarray(state[key])
             if value.shape != (self.n_params,):
-                raise ValueError(
-                    f"state[{key!r}] has shape {value.shape}, expected ({self.n_params},)"
-                )
+                raise ValueError(f"state[{key!r}] has shape {value.shape}, expected ({self.n_params},)")
             arrays[key] = value.astype(dtype, copy=True)
         if (arrays["freezing_period"] < 0).any() or (arrays["frozen_periods_left"] < 0).any():
             raise ValueError("state has negative freezing periods")

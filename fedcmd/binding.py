@@ -52,8 +52,10 @@ def ssh_fingerprint(pub_file: Path) -> str:
 
 def write_binding(path: Path, pub_files: dict[int, Path]) -> Path:
     """Bind each partition's node key (`{partition: path of its .pub}`) to that partition."""
-    entries = [{"partition": pid, "key-file": Path(pub).name, "sha256": ssh_fingerprint(pub)}
-               for pid, pub in sorted(pub_files.items())]
+    entries = [
+        {"partition": pid, "key-file": Path(pub).name, "sha256": ssh_fingerprint(pub)}
+        for pid, pub in sorted(pub_files.items())
+    ]
     Path(path).write_text(json.dumps({"bindings": entries}, indent=2) + "\n")
     return Path(path)
 

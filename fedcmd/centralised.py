@@ -34,12 +34,23 @@ from fedcmd.training import train
 class CMDCallback:
     """Online CMD of `model`'s trainable parameters, optionally embedded into training."""
 
-    def __init__(self, model: nn.Module, n_modes: int | None, warmup: int, *, embed: EmbeddingSchedule | None = None,
-                 observe_initial: bool = True, n_samples: int = 1000, seed: int = 0, **cmd_options: Any) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        n_modes: int | None,
+        warmup: int,
+        *,
+        embed: EmbeddingSchedule | None = None,
+        observe_initial: bool = True,
+        n_samples: int = 1000,
+        seed: int = 0,
+        **cmd_options: Any,
+    ) -> None:
         self.model = model
         self.layout = ParamLayout.from_module(model, kind="parameters")
-        self.online = OnlineCMD(self.layout.numel, n_modes, warmup, n_samples, seed,
-                                tensor_sizes=self.layout.tensor_sizes, **cmd_options)
+        self.online = OnlineCMD(
+            self.layout.numel, n_modes, warmup, n_samples, seed, tensor_sizes=self.layout.tensor_sizes, **cmd_options
+        )
         self.schedule = embed
         self.epoch = 0
         self.embedded_index = np.zeros(0, dtype=np.int64)
@@ -53,8 +64,10 @@ class CMDCallback:
     def on_epoch_end(self, epoch: int) -> np.ndarray:
         """Observe the epoch's weights; embed and overwrite as the schedule says. Returns new indices."""
         if epoch <= self.epoch:
-            raise ValueError(f"epoch {epoch} was already observed (last was {self.epoch}): "
-                             "observing a snapshot twice would bias the CMD statistics")
+            raise ValueError(
+                f"epoch {epoch} was already observed (last was {self.epoch}): "
+                "observing a snapshot twice would bias the CMD statistics"
+            )
         self.epoch = epoch
         theta = self.layout.flatten(self.model)
         self.online.observe(theta)
@@ -106,9 +119,19 @@ class SWACallback:
             self.averaged.update_parameters(self.model)
 
 
-def train_with_callbacks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, batch_size: int,
-                         lr: float, momentum: float = 0.0, weight_decay: float = 0.0, seed: int = 0,
-                         callbacks: Sequence[Any] = ()) -> dict[str, float]:
+def train_with_callbacks(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    callbacks: Sequence[Any] = (),
+) -> dict[str, float]:
     """`fedcmd.training.train` for `epochs` epochs (one optimiser, momentum kept across epochs),
     calling each callback's `on_step(model)` after every step and `on_epoch_end(epoch)` after the
     last step of every epoch, in the order given."""
@@ -127,9 +150,20 @@ def train_with_callbacks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, 
                 callback(steps // steps_per_epoch)
             stepped.train()  # an epoch callback may have evaluated the model
 
-    result = train(model, x, y, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
-                   weight_decay=weight_decay, seed=seed, step_hook=hook)
+    result = train(
+        model,
+        x,
+        y,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        seed=seed,
+        step_hook=hook,
+    )
     if result["steps"] != epochs * steps_per_epoch:
-        raise RuntimeError(f"train made {result['steps']} steps, expected {epochs} x {steps_per_epoch}: "
-                           "epoch ends were misplaced")
+        raise RuntimeError(
+            f"train made {result['steps']} steps, expected {epochs} x {steps_per_epoch}: epoch ends were misplaced"
+        )
     return result

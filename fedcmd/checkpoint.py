@@ -44,7 +44,7 @@ from fedcmd.files import write_atomically
 CHECKPOINT_NAME = "checkpoint.json"
 LEGACY_NAME = "checkpoint.pkl"  # fedcmd's format 1, a pickle: refused, never opened
 FORMAT = 2
-ARRAY = "$array"      # {"$array": name}: the array `name` of the npz file
+ARRAY = "$array"  # {"$array": name}: the array `name` of the npz file
 TOKEN = "checkpoint-token"
 _ARRAYS_NAME = re.compile(r"checkpoint\.round-(\d+)\.npz")
 # Keys a resumed run may change: extending a finished run, or waiting longer for replies.
@@ -65,22 +65,30 @@ class CheckpointError(ValueError):
 @dataclass
 class Checkpoint:
     config: dict[str, Any]
-    server_round: int          # last completed round
-    strategy: Any              # a strategies.base.FedcmdStrategy
+    server_round: int  # last completed round
+    strategy: Any  # a strategies.base.FedcmdStrategy
     metrics: list[dict[str, Any]]
-    wall_seconds: float        # run time spent before this checkpoint
+    wall_seconds: float  # run time spent before this checkpoint
 
 
 # ----- reading a state tree: what load_state_dict methods use ----------------------------------
-_KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list",
-          dict: "a mapping", object: "anything"}
+_KINDS = {
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    str: "a string",
+    list: "a list",
+    dict: "a mapping",
+    object: "anything",
+}
 
 
 def checked(value: Any, kind: type, where: tuple[str, ...] = ()) -> Any:
     """`value`, which must be of `kind` (int, float, bool, str, list, dict, or object for any value;
     an int is no bool, a float may be written as an int); CheckpointError at `where` otherwise."""
-    ok = (isinstance(value, kind) and not (kind is int and isinstance(value, bool))) or \
-        (kind is float and isinstance(value, int) and not isinstance(value, bool))
+    ok = (isinstance(value, kind) and not (kind is int and isinstance(value, bool))) or (
+        kind is float and isinstance(value, int) and not isinstance(value, bool)
+    )
     if not ok:
         raise CheckpointError(f"must be {_KINDS[kind]}, got {_shown(value)}", where)
     return float(value) if kind is float else value
@@ -102,8 +110,9 @@ def array_entry(state: Any, key: str, dtype: Any, shape: tuple[int | None, ...])
     if not isinstance(value, np.ndarray):
         raise CheckpointError(f"must be an array, got {_shown(value)}", (key,))
     if (value.dtype.kind != "U") if dtype is str else (value.dtype != np.dtype(dtype)):
-        raise CheckpointError(f"must be {'unicode' if dtype is str else np.dtype(dtype).name}, got {value.dtype}",
-                              (key,))
+        raise CheckpointError(
+            f"must be {'unicode' if dtype is str else np.dtype(dtype).name}, got {value.dtype}", (key,)
+        )
     if len(value.shape) != len(shape) or any(s is not None and s != v for s, v in zip(shape, value.shape)):
         sizes = ["any" if s is None else str(s) for s in shape]
         expected = f"({sizes[0]},)" if len(sizes) == 1 else f"({', '.join(sizes)})"
@@ -142,8 +151,9 @@ def within(*where: str) -> Iterator[None]:
     except CheckpointError as err:
         raise CheckpointError(err.message, (*where, *err.where)) from err
     except (ValueError, TypeError, KeyError, IndexError) as err:
-        raise CheckpointError(str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}",
-                              where) from err
+        raise CheckpointError(
+            str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}", where
+        ) from err
 
 
 def load_part(state: Any, key: str, load: Callable[[Any], None]) -> None:
@@ -204,8 +214,11 @@ def join_arrays(tree: Any, arrays: Mapping[str, np.ndarray]) -> Any:
 def rng_state() -> dict[str, Any]:
     """The RNG states of torch, numpy's global generator and `random`, as a tree."""
     version, words, gauss = random.getstate()
-    return {"torch": torch.get_rng_state().numpy().copy(), "numpy": np.random.get_state(legacy=False),
-            "python": {"version": version, "words": np.array(words, dtype=np.int64), "gauss": gauss}}
+    return {
+        "torch": torch.get_rng_state().numpy().copy(),
+        "numpy": np.random.get_state(legacy=False),
+        "python": {"version": version, "words": np.array(words, dtype=np.int64), "gauss": gauss},
+    }
 
 
 def restore_rng(state: Any) -> None:
@@ -238,8 +251,12 @@ def checkpoint_files(out: str | Path) -> list[Path]:
     out = Path(out)
     if not out.is_dir():
         return []
-    return sorted(p for p in out.iterdir() if p.name in (CHECKPOINT_NAME, LEGACY_NAME, CHECKPOINT_NAME + ".tmp")
-                  or _ARRAYS_NAME.fullmatch(p.name.removesuffix(".tmp")))
+    return sorted(
+        p
+        for p in out.iterdir()
+        if p.name in (CHECKPOINT_NAME, LEGACY_NAME, CHECKPOINT_NAME + ".tmp")
+        or _ARRAYS_NAME.fullmatch(p.name.removesuffix(".tmp"))
+    )
 
 
 def save_checkpoint(out: str | Path, checkpoint: Checkpoint) -> tuple[Path, Path]:
@@ -249,10 +266,17 @@ def save_checkpoint(out: str | Path, checkpoint: Checkpoint) -> tuple[Path, Path
     token = uuid.uuid4().hex
     arrays_path = out / f"checkpoint.round-{checkpoint.server_round}.npz"
     tree, arrays = split_arrays({"strategy": checkpoint.strategy.state_dict(), "rng": rng_state()})
-    document = {"format": FORMAT, "token": token, "arrays": arrays_path.name,
-                "fedcmd_strategy": checkpoint.strategy.name, "server_round": checkpoint.server_round,
-                "wall_seconds": checkpoint.wall_seconds, "config": checkpoint.config,
-                "metrics": checkpoint.metrics, **tree}
+    document = {
+        "format": FORMAT,
+        "token": token,
+        "arrays": arrays_path.name,
+        "fedcmd_strategy": checkpoint.strategy.name,
+        "server_round": checkpoint.server_round,
+        "wall_seconds": checkpoint.wall_seconds,
+        "config": checkpoint.config,
+        "metrics": checkpoint.metrics,
+        **tree,
+    }
     text = json.dumps(document, default=_json_scalar)
     write_atomically(arrays_path, lambda fh: np.savez(fh, allow_pickle=False, **arrays, **{TOKEN: np.array(token)}))
     write_atomically(out / CHECKPOINT_NAME, lambda fh: fh.write(text.encode()))
@@ -278,7 +302,8 @@ def _read(out: Path) -> tuple[Path, dict[str, Any]]:
             raise CheckpointError(
                 f"cannot resume: {out / LEGACY_NAME} is a checkpoint of an older fedcmd format (a pickle), which "
                 "this fedcmd does not load (loading a pickle runs code named in it): start a new run "
-                "(--overwrite, or another output folder)")
+                "(--overwrite, or another output folder)"
+            )
         raise CheckpointError(f"cannot resume: no checkpoint at {path}")
     try:
         document = json.loads(path.read_text())
@@ -286,17 +311,27 @@ def _read(out: Path) -> tuple[Path, dict[str, Any]]:
         raise CheckpointError(f"cannot resume: {path} is not a readable fedcmd checkpoint ({err})") from err
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         got = document.get("format") if isinstance(document, dict) else None
-        raise CheckpointError(f"cannot resume: {path} is not a fedcmd checkpoint of format {FORMAT} "
-                              f"(its format is {_shown(got)})")
+        raise CheckpointError(
+            f"cannot resume: {path} is not a fedcmd checkpoint of format {FORMAT} (its format is {_shown(got)})"
+        )
     try:
-        for key, kind in (("token", str), ("arrays", str), ("fedcmd_strategy", str), ("server_round", int),
-                          ("wall_seconds", float), ("config", dict), ("metrics", list), ("strategy", dict),
-                          ("rng", dict)):
+        for key, kind in (
+            ("token", str),
+            ("arrays", str),
+            ("fedcmd_strategy", str),
+            ("server_round", int),
+            ("wall_seconds", float),
+            ("config", dict),
+            ("metrics", list),
+            ("strategy", dict),
+            ("rng", dict),
+        ):
             entry(document, key, kind)
         name = document["arrays"]
         if not _ARRAYS_NAME.fullmatch(name):
-            raise CheckpointError(f"must name a file checkpoint.round-<r>.npz in the same folder, got {_shown(name)}",
-                                  ("arrays",))
+            raise CheckpointError(
+                f"must name a file checkpoint.round-<r>.npz in the same folder, got {_shown(name)}", ("arrays",)
+            )
     except CheckpointError as err:
         raise CheckpointError(f"cannot resume: {path} is damaged: {err}") from err
     arrays_path = out / name
@@ -304,8 +339,9 @@ def _read(out: Path) -> tuple[Path, dict[str, Any]]:
         with np.load(arrays_path, allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in archive.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        raise CheckpointError(f"cannot resume: {arrays_path}, the arrays of {path}, is not readable "
-                              f"without pickle ({err})") from err
+        raise CheckpointError(
+            f"cannot resume: {arrays_path}, the arrays of {path}, is not readable without pickle ({err})"
+        ) from err
     token = arrays.pop(TOKEN, None)
     if token is None or token.shape != () or str(token) != document["token"]:
         raise CheckpointError(f"cannot resume: {arrays_path} was not written with {path} (their tokens differ)")
@@ -334,23 +370,30 @@ def load_checkpoint(out: str | Path, config: dict[str, Any]) -> Checkpoint:
     differing = [key for key in config if key not in RESUMABLE_KEYS and stored.get(key) != config[key]]
     if differing:
         key = differing[0]
-        raise CheckpointError(f"cannot resume: config key '{key}' is {config[key]!r} but the checkpoint's run used "
-                              f"{stored.get(key)!r} (only {', '.join(RESUMABLE_KEYS)} may change)")
+        raise CheckpointError(
+            f"cannot resume: config key '{key}' is {config[key]!r} but the checkpoint's run used "
+            f"{stored.get(key)!r} (only {', '.join(RESUMABLE_KEYS)} may change)"
+        )
     if config["num-server-rounds"] < server_round:
-        raise CheckpointError(f"cannot resume: the checkpoint is at round {server_round}, past "
-                              f"num-server-rounds = {config['num-server-rounds']}")
+        raise CheckpointError(
+            f"cannot resume: the checkpoint is at round {server_round}, past "
+            f"num-server-rounds = {config['num-server-rounds']}"
+        )
     metrics = document["metrics"]
     if [m.get("round") if isinstance(m, dict) else None for m in metrics] != list(range(server_round + 1)):
         raise CheckpointError(f"cannot resume: {path} is damaged: metrics must hold rounds 0..{server_round}")
     strategy = make_strategy(config)
     if strategy.name != document["fedcmd_strategy"]:
-        raise CheckpointError(f"cannot resume: {path} holds a {document['fedcmd_strategy']!r} strategy, the config "
-                              f"builds {strategy.name!r}")
+        raise CheckpointError(
+            f"cannot resume: {path} holds a {document['fedcmd_strategy']!r} strategy, the config "
+            f"builds {strategy.name!r}"
+        )
     try:
         load_part(document, "strategy", strategy.load_state_dict)
         if sorted(strategy.rounds) != list(range(1, server_round + 1)):
-            raise CheckpointError(f"logs rounds {sorted(strategy.rounds)[:5]}..., expected 1..{server_round}",
-                                  ("strategy", "rounds"))
+            raise CheckpointError(
+                f"logs rounds {sorted(strategy.rounds)[:5]}..., expected 1..{server_round}", ("strategy", "rounds")
+            )
         load_part(document, "rng", restore_rng)  # last: building the strategy drew from torch's generator
     except CheckpointError as err:
         raise CheckpointError(f"cannot resume: {path} does not fit this run: {err}") from err

@@ -22,8 +22,10 @@ def default_out_dir(config_path: str | None, config: dict) -> Path:
 
 def cmd_run(args: argparse.Namespace) -> int:
     if args.ray_address and args.engine != "ray":
-        print(f"fedcmd: error: --ray-address runs on a Ray cluster: it needs --engine ray, not --engine "
-              f"{args.engine}", file=sys.stderr)
+        print(
+            f"fedcmd: error: --ray-address runs on a Ray cluster: it needs --engine ray, not --engine {args.engine}",
+            file=sys.stderr,
+        )
         return 2
     config = load_config(args.config, args.set or [])
     out = Path(args.out) if args.out else default_out_dir(args.config, config)
@@ -77,29 +79,50 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", nargs="?", help="TOML config (flat kebab-case keys); defaults apply to missing keys")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     run.add_argument("--out", help="output folder (default runs/<config>/<strategy>-seed<k>)")
-    run.add_argument("--engine", choices=("ray", "inprocess"), default="ray",
-                     help="ray: Flower's simulation engine (default); inprocess: same code, no Ray")
-    run.add_argument("--ray-address", metavar="HOST:PORT",
-                     help="run on this running Ray cluster (the head's `ray start --head --port`) instead of "
-                          "a Ray instance started on this machine; the cluster is left running")
+    run.add_argument(
+        "--engine",
+        choices=("ray", "inprocess"),
+        default="ray",
+        help="ray: Flower's simulation engine (default); inprocess: same code, no Ray",
+    )
+    run.add_argument(
+        "--ray-address",
+        metavar="HOST:PORT",
+        help="run on this running Ray cluster (the head's `ray start --head --port`) instead of "
+        "a Ray instance started on this machine; the cluster is left running",
+    )
     again = run.add_mutually_exclusive_group()
-    again.add_argument("--resume", action="store_true",
-                       help="continue the run from the checkpoint in its output folder (same config; "
-                            "num-server-rounds and round-timeout may change)")
-    again.add_argument("--overwrite", action="store_true",
-                       help="replace the run the output folder holds (refused without this or --resume)")
+    again.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run from the checkpoint in its output folder (same config; "
+        "num-server-rounds and round-timeout may change)",
+    )
+    again.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run the output folder holds (refused without this or --resume)",
+    )
     run.set_defaults(func=cmd_run)
     compare = sub.add_parser("compare", help="table and plots comparing finished runs, by method over seeds")
-    compare.add_argument("runs", nargs="+", metavar="RUN_DIR",
-                         help="a run folder (<method>-seed<k>/) or a folder holding run folders")
+    compare.add_argument(
+        "runs", nargs="+", metavar="RUN_DIR", help="a run folder (<method>-seed<k>/) or a folder holding run folders"
+    )
     compare.add_argument("--baseline", default="fedavg", help="method the volume ratios refer to (default fedavg)")
     compare.add_argument("--out", help="where comparison.md and the plots go (default: the runs' common parent)")
-    compare.add_argument("--target", type=float, metavar="PERCENT",
-                         help="test accuracy (in %%) whose traffic-to-reach is reported "
-                              "(default: the baseline's mean final accuracy minus 0.5 point)")
+    compare.add_argument(
+        "--target",
+        type=float,
+        metavar="PERCENT",
+        help="test accuracy (in %%) whose traffic-to-reach is reported "
+        "(default: the baseline's mean final accuracy minus 0.5 point)",
+    )
     compare.set_defaults(func=cmd_compare)
-    deploy = sub.add_parser("deploy", help="run one experiment on a local deployment: a SuperLink and one "
-                                           "SuperNode per partition on 127.0.0.1, stopped afterwards")
+    deploy = sub.add_parser(
+        "deploy",
+        help="run one experiment on a local deployment: a SuperLink and one "
+        "SuperNode per partition on 127.0.0.1, stopped afterwards",
+    )
     add_run_arguments(deploy)
     deploy.set_defaults(func=cmd_deploy)
     return parser

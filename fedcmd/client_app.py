@@ -13,8 +13,10 @@ app = ClientApp()
 
 def partition_id(context: Context) -> int:
     if "partition-id" not in context.node_config:
-        raise ValueError("this SuperNode has no 'partition-id' in its node config "
-                         "(start it with --node-config 'partition-id=K num-partitions=N')")
+        raise ValueError(
+            "this SuperNode has no 'partition-id' in its node config "
+            "(start it with --node-config 'partition-id=K num-partitions=N')"
+        )
     return int(context.node_config["partition-id"])
 
 

@@ -105,8 +105,10 @@ class ClusteringOptions:
 
     def __post_init__(self) -> None:
         if (self.n_modes is None) == (self.distance_threshold is None):
-            raise ValueError("give exactly one of n_modes and distance_threshold, got "
-                             f"n_modes={self.n_modes!r}, distance_threshold={self.distance_threshold!r}")
+            raise ValueError(
+                "give exactly one of n_modes and distance_threshold, got "
+                f"n_modes={self.n_modes!r}, distance_threshold={self.distance_threshold!r}"
+            )
         if self.n_modes is not None:
             _positive_int(self.n_modes, "n_modes")
         if self.clustering not in CLUSTERINGS:
@@ -126,8 +128,10 @@ class ClusteringOptions:
                 raise ValueError(f"features must be one of {FEATURES}, got {self.features!r}")
             upper = np.inf
         if self.distance_threshold is not None and not 0.0 <= float(self.distance_threshold) < upper:
-            raise ValueError(f"distance_threshold must be in [0, {upper}) for clustering={self.clustering!r}, "
-                             f"got {self.distance_threshold!r}")
+            raise ValueError(
+                f"distance_threshold must be in [0, {upper}) for clustering={self.clustering!r}, "
+                f"got {self.distance_threshold!r}"
+            )
 
 
 # -------------------------------------------------------------------------------------- sampling
@@ -283,8 +287,9 @@ def _chunk_rows(bytes_per_row: int, chunk_size: int | None) -> int:
     return max(1, _CHUNK_BYTES // max(bytes_per_row, 1))
 
 
-def _assign_and_fit(trajectories: np.ndarray, references: np.ndarray, chunk_size: int | None
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _assign_and_fit(
+    trajectories: np.ndarray, references: np.ndarray, chunk_size: int | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Mode (argmax |corr| to the references) and least-squares (a, b) of every weight, in chunks."""
     n_params, n_snapshots = trajectories.shape
     ref_centred, ref_mean = _centre(trajectories[references])
@@ -315,7 +320,7 @@ def _assign_and_fit(trajectories: np.ndarray, references: np.ndarray, chunk_size
         mean = first + product[:, n_modes]
         if not np.isfinite(mean).all():
             row = start + int(np.flatnonzero(~np.isfinite(mean))[0])
-            raise _non_finite_error("trajectories", np.asarray(trajectories[row:row + 1]), row)
+            raise _non_finite_error("trajectories", np.asarray(trajectories[row : row + 1]), row)
         chunk_modes = np.argmax(np.abs(product[:, :n_modes]), axis=1)
         # 1-D gathers from the flat product: numpy's fast path for fancy indexing.
         chunk_a = product.ravel()[np.arange(stop - start) * (n_modes + 1) + chunk_modes] * ref_inv_norm[chunk_modes]
@@ -336,11 +341,11 @@ class CMDModel:
     a and b are float64 (least squares in float64; cast to the network's dtype when applied).
     """
 
-    modes: np.ndarray            # int64 (N,): mode of every weight
+    modes: np.ndarray  # int64 (N,): mode of every weight
     reference_index: np.ndarray  # int64 (M,): weight index of each mode's reference
-    a: np.ndarray                # float64 (N,)
-    b: np.ndarray                # float64 (N,)
-    sample_index: np.ndarray     # int64 (K,): the weights that were clustered
+    a: np.ndarray  # float64 (N,)
+    b: np.ndarray  # float64 (N,)
+    sample_index: np.ndarray  # int64 (K,): the weights that were clustered
 
     @property
     def n_params(self) -> int:
@@ -358,8 +363,9 @@ class CMDModel:
         """
         refs = _as_real_array(reference_trajectories, "reference_trajectories")
         if refs.ndim not in (1, 2) or refs.shape[0] != self.n_modes:
-            raise ValueError(f"reference_trajectories must be ({self.n_modes},) or ({self.n_modes}, T), "
-                             f"got shape {refs.shape}")
+            raise ValueError(
+                f"reference_trajectories must be ({self.n_modes},) or ({self.n_modes}, T), got shape {refs.shape}"
+            )
         if not np.isfinite(refs).all():
             raise _non_finite_error("reference_trajectories", refs)
         dtype = refs.dtype if refs.dtype.kind == "f" else np.dtype(np.float64)
@@ -375,9 +381,19 @@ class CMDModel:
         return out if refs.ndim == 2 else out[:, 0]
 
 
-def fit_cmd(trajectories: Any, n_modes: int | None, n_samples: int = 1000, seed: int = 0,
-            tensor_sizes: Any = None, *, distance_threshold: float | None = None, clustering: str = "pam",
-            linkage: str | None = None, features: str | None = None, chunk_size: int | None = None) -> CMDModel:
+def fit_cmd(
+    trajectories: Any,
+    n_modes: int | None,
+    n_samples: int = 1000,
+    seed: int = 0,
+    tensor_sizes: Any = None,
+    *,
+    distance_threshold: float | None = None,
+    clustering: str = "pam",
+    linkage: str | None = None,
+    features: str | None = None,
+    chunk_size: int | None = None,
+) -> CMDModel:
     """Post-hoc CMD of trajectories (N x T: row i is weight i, column t is snapshot t).
 
     Samples n_samples weights (`sample_indices`), clusters them (see the module docstring; the
@@ -390,15 +406,14 @@ def fit_cmd(trajectories: Any, n_modes: int | None, n_samples: int = 1000, seed:
     options = ClusteringOptions(n_modes, distance_threshold, clustering, linkage, features)
     traj = _as_real_array(trajectories, "trajectories")
     if traj.ndim != 2 or traj.shape[0] < 1 or traj.shape[1] < 2:
-        raise ValueError(f"trajectories must be N x T with N >= 1 weights and T >= 2 snapshots, "
-                         f"got shape {traj.shape}")
+        raise ValueError(f"trajectories must be N x T with N >= 1 weights and T >= 2 snapshots, got shape {traj.shape}")
     n_params, n_snapshots = traj.shape
     sample_index = sample_indices(n_params, n_samples, seed, tensor_sizes)
     samples = np.asarray(traj[sample_index])
     bad_rows = np.flatnonzero(~np.isfinite(samples).all(axis=1))
     if bad_rows.size:
         row = int(bad_rows[0])
-        raise _non_finite_error("trajectories", samples[row:row + 1], int(sample_index[row]))
+        raise _non_finite_error("trajectories", samples[row : row + 1], int(sample_index[row]))
     references = sample_index[_cluster_samples(samples, options)]
     modes, a, b = _assign_and_fit(traj, references, chunk_size)
     return CMDModel(modes, references, a, b, sample_index)
@@ -427,9 +442,21 @@ class OnlineCMD:
     (a, b float64, mode int64, frozen flag).
     """
 
-    def __init__(self, n_params: int, n_modes: int | None, warmup: int, n_samples: int = 1000, seed: int = 0,
-                 tensor_sizes: Any = None, *, distance_threshold: float | None = None, clustering: str = "pam",
-                 linkage: str | None = None, features: str | None = None, chunk_size: int | None = None) -> None:
+    def __init__(
+        self,
+        n_params: int,
+        n_modes: int | None,
+        warmup: int,
+        n_samples: int = 1000,
+        seed: int = 0,
+        tensor_sizes: Any = None,
+        *,
+        distance_threshold: float | None = None,
+        clustering: str = "pam",
+        linkage: str | None = None,
+        features: str | None = None,
+        chunk_size: int | None = None,
+    ) -> None:
         self.n_params = _positive_int(n_params, "n_params")
         self.warmup = _positive_int(warmup, "warmup")
         self.n_samples = _positive_int(n_samples, "n_samples")
@@ -450,8 +477,10 @@ class OnlineCMD:
 
     def _require_ready(self, what: str) -> None:
         if not self.ready:
-            raise RuntimeError(f"OnlineCMD.{what} is available after warm-up: {self.warmup + 1} snapshots are "
-                               f"needed, {self.n_observed} observed")
+            raise RuntimeError(
+                f"OnlineCMD.{what} is available after warm-up: {self.warmup + 1} snapshots are "
+                f"needed, {self.n_observed} observed"
+            )
 
     @property
     def a(self) -> np.ndarray:
@@ -487,8 +516,16 @@ class OnlineCMD:
     @property
     def nbytes(self) -> int:
         """Bytes held by the state (the warm-up buffer included while it exists)."""
-        arrays = (self._buffer, self._modes, self._reference_index, self._a, self._b, self._frozen,
-                  self._ref_mean, self._ref_m2)
+        arrays = (
+            self._buffer,
+            self._modes,
+            self._reference_index,
+            self._a,
+            self._b,
+            self._frozen,
+            self._ref_mean,
+            self._ref_m2,
+        )
         return sum(array.nbytes for array in arrays if array is not None)
 
     # ----- updates -------------------------------------------------------------------------------
@@ -517,9 +554,18 @@ class OnlineCMD:
 
     def _fit(self) -> None:
         o = self.options
-        model = fit_cmd(self._buffer.T, o.n_modes, self.n_samples, self.seed, self.tensor_sizes,
-                        distance_threshold=o.distance_threshold, clustering=o.clustering, linkage=o.linkage,
-                        features=o.features, chunk_size=self._chunk_size)
+        model = fit_cmd(
+            self._buffer.T,
+            o.n_modes,
+            self.n_samples,
+            self.seed,
+            self.tensor_sizes,
+            distance_threshold=o.distance_threshold,
+            clustering=o.clustering,
+            linkage=o.linkage,
+            features=o.features,
+            chunk_size=self._chunk_size,
+        )
         ref_centred, self._ref_mean = _centre(self._buffer[:, model.reference_index].T)
         self._ref_m2 = np.einsum("ij,ij->i", ref_centred, ref_centred)
         self._modes, self._reference_index, self._a, self._b = model.modes, model.reference_index, model.a, model.b
@@ -606,20 +652,48 @@ class OnlineCMD:
         empty_f, empty_i = np.zeros(0, dtype=np.float64), np.zeros(0, dtype=np.int64)
         state = {"n_params": self.n_params, "n_observed": self.n_observed}
         if self.ready:
-            state.update(buffer=np.zeros((0, self.n_params), dtype=np.float32), modes=self._modes.copy(),
-                         reference_index=self._reference_index.copy(), a=self._a.copy(), b=self._b.copy(),
-                         frozen_mask=self._frozen.copy(), ref_mean=self._ref_mean.copy(), ref_m2=self._ref_m2.copy())
+            state.update(
+                buffer=np.zeros((0, self.n_params), dtype=np.float32),
+                modes=self._modes.copy(),
+                reference_index=self._reference_index.copy(),
+                a=self._a.copy(),
+                b=self._b.copy(),
+                frozen_mask=self._frozen.copy(),
+                ref_mean=self._ref_mean.copy(),
+                ref_m2=self._ref_m2.copy(),
+            )
         else:
-            buffer = (self._buffer[: self.n_observed].copy() if self._buffer is not None
-                      else np.zeros((0, self.n_params), dtype=np.float32))
-            state.update(buffer=buffer, modes=empty_i, reference_index=empty_i, a=empty_f, b=empty_f,
-                         frozen_mask=np.zeros(0, dtype=bool), ref_mean=empty_f, ref_m2=empty_f)
+            buffer = (
+                self._buffer[: self.n_observed].copy()
+                if self._buffer is not None
+                else np.zeros((0, self.n_params), dtype=np.float32)
+            )
+            state.update(
+                buffer=buffer,
+                modes=empty_i,
+                reference_index=empty_i,
+                a=empty_f,
+                b=empty_f,
+                frozen_mask=np.zeros(0, dtype=bool),
+                ref_mean=empty_f,
+                ref_m2=empty_f,
+            )
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a `state_dict` taken from an OnlineCMD built with the same arguments."""
-        missing = {"n_params", "n_observed", "buffer", "modes", "reference_index", "a", "b", "frozen_mask",
-                   "ref_mean", "ref_m2"} - set(state)
+        missing = {
+            "n_params",
+            "n_observed",
+            "buffer",
+            "modes",
+            "reference_index",
+            "a",
+            "b",
+            "frozen_mask",
+            "ref_mean",
+            "ref_m2",
+        } - set(state)
         if missing:
             raise ValueError(f"state is missing {sorted(missing)}")
         if int(state["n_params"]) != self.n_params:
@@ -630,12 +704,15 @@ class OnlineCMD:
         expected = {"buffer": (0 if fitted else n_observed, n)}
         if fitted:
             m = np.asarray(state["reference_index"]).size
-            expected.update(modes=(n,), reference_index=(m,), a=(n,), b=(n,), frozen_mask=(n,), ref_mean=(m,),
-                            ref_m2=(m,))
+            expected.update(
+                modes=(n,), reference_index=(m,), a=(n,), b=(n,), frozen_mask=(n,), ref_mean=(m,), ref_m2=(m,)
+            )
         for key, shape in expected.items():
             if np.shape(state[key]) != shape:
-                raise ValueError(f"state[{key!r}] has shape {np.shape(state[key])}, expected {shape} "
-                                 f"(n_observed={n_observed}, warmup={self.warmup})")
+                raise ValueError(
+                    f"state[{key!r}] has shape {np.shape(state[key])}, expected {shape} "
+                    f"(n_observed={n_observed}, warmup={self.warmup})"
+                )
         self.n_observed = n_observed
         self._modes = self._reference_index = self._a = self._b = self._frozen = None
         self._ref_mean = self._ref_m2 = None
@@ -734,7 +811,9 @@ class EmbeddingSchedule:
     def state_dict(self) -> dict[str, Any]:
         empty = np.zeros(0, dtype=np.float64)
         return {
-            "fraction": self.fraction, "every": self.every, "of_remaining": self.of_remaining,
+            "fraction": self.fraction,
+            "every": self.every,
+            "of_remaining": self.of_remaining,
             "last_event": self._last_event,
             "embedded_mask": np.zeros(0, dtype=bool) if self._mask is None else self._mask.copy(),
             "a_old": empty if self._a_old is None else self._a_old.copy(),
@@ -752,8 +831,9 @@ class EmbeddingSchedule:
         mask = np.asarray(state["embedded_mask"], dtype=bool)
         a_old, b_old = np.asarray(state["a_old"], dtype=np.float64), np.asarray(state["b_old"], dtype=np.float64)
         if a_old.shape != b_old.shape or (a_old.size and a_old.shape != mask.shape):
-            raise ValueError(f"state a_old {a_old.shape}, b_old {b_old.shape} and embedded_mask {mask.shape} "
-                             "do not match")
+            raise ValueError(
+                f"state a_old {a_old.shape}, b_old {b_old.shape} and embedded_mask {mask.shape} do not match"
+            )
         self._mask = mask.copy() if mask.size else None
         self._a_old = a_old.copy() if a_old.size else None
         self._b_old = b_old.copy() if b_old.size else None

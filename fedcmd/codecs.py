@@ -75,8 +75,11 @@ class Codec:
             raise ValueError(f"codec name must be one of {CODECS}, got {self.name!r}")
         if isinstance(self.chunk, bool) or not isinstance(self.chunk, (int, np.integer)) or self.chunk < 1:
             raise ValueError(f"codec chunk must be a positive integer, got {self.chunk!r}")
-        if (isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float, np.floating))
-                or not 0 < self.fraction <= 1):
+        if (
+            isinstance(self.fraction, bool)
+            or not isinstance(self.fraction, (int, float, np.floating))
+            or not 0 < self.fraction <= 1
+        ):
             raise ValueError(f"codec fraction must be a number in (0, 1], got {self.fraction!r}")
 
     @property
@@ -115,10 +118,10 @@ class Codec:
         n, c = x.size, self.chunk
         full = n // c
         scales = np.empty(-(-n // c), np.float32)
-        body = x[:full * c].reshape(full, c)
+        body = x[: full * c].reshape(full, c)
         np.maximum(body.max(axis=1), -body.min(axis=1), out=scales[:full])
         if full < scales.size:
-            tail = x[full * c:]
+            tail = x[full * c :]
             scales[full] = np.maximum(tail.max(), -tail.min())
         if not np.isfinite(scales).all():  # max and min propagate NaN
             raise ValueError("int8 cannot encode NaN or Inf")
@@ -132,7 +135,7 @@ class Codec:
             rows, m = -(-(stop - start) // c), stop - start
             ub, yb = u[:m], y[:m].reshape(rows, m // rows)
             rng.random(dtype=np.float32, out=ub)
-            np.divide(x[start:stop].reshape(yb.shape), divisor[first:first + rows, None], out=yb)
+            np.divide(x[start:stop].reshape(yb.shape), divisor[first : first + rows, None], out=yb)
             yb += ub.reshape(yb.shape)
             np.floor(yb, out=yb)
             np.clip(yb, -127, 127, out=yb)
@@ -196,7 +199,9 @@ class Codec:
         if self.name == "topk":
             index_keys = keys & set(_TOPK_INDEX_KEYS)
             if len(index_keys) != 1:
-                raise CodecError(f"topk payload needs exactly one of {list(_TOPK_INDEX_KEYS)}, got {sorted(index_keys)}")
+                raise CodecError(
+                    f"topk payload needs exactly one of {list(_TOPK_INDEX_KEYS)}, got {sorted(index_keys)}"
+                )
             expected = {"topk-values"} | index_keys
         else:
             expected = _KEYS[self.name]
@@ -220,8 +225,8 @@ class Codec:
             raise CodecError("int8 values must lie in [-127, 127], got -128")
         out = np.empty(length, np.float32)
         full = length // c
-        np.multiply(q[:full * c].reshape(full, c), scales[:full, None], out=out[:full * c].reshape(full, c))
-        np.multiply(q[full * c:], scales[full:], out=out[full * c:])
+        np.multiply(q[: full * c].reshape(full, c), scales[:full, None], out=out[: full * c].reshape(full, c))
+        np.multiply(q[full * c :], scales[full:], out=out[full * c :])
         return out
 
     def _decode_topk(self, arrays: Mapping[str, np.ndarray], length: int) -> np.ndarray:
@@ -260,8 +265,9 @@ def describe(arrays: Mapping[str, np.ndarray]) -> tuple[int, int]:
         return 0, total
 
 
-def with_error_feedback(codec: Codec, update: np.ndarray, residual: np.ndarray,
-                        rng: np.random.Generator | None = None) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+def with_error_feedback(
+    codec: Codec, update: np.ndarray, residual: np.ndarray, rng: np.random.Generator | None = None
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """(arrays to send, decoded values the receiver gets, new residual): u = update + residual;
     arrays = encode(u); decoded = decode(arrays); new residual = u - decoded.
 
@@ -312,8 +318,9 @@ def _int8_blocks(n: int, chunk: int) -> list[tuple[int, int, int]]:
     return blocks
 
 
-def _vector(arrays: Mapping[str, np.ndarray], key: str, dtype: type, length: int | None = None,
-            expected: str = "length") -> np.ndarray:
+def _vector(
+    arrays: Mapping[str, np.ndarray], key: str, dtype: type, length: int | None = None, expected: str = "length"
+) -> np.ndarray:
     """arrays[key], checked to be a 1-D array of `dtype` (byte order included) and `length` values."""
     a = arrays[key]
     if not isinstance(a, np.ndarray):
@@ -410,7 +417,7 @@ def _top_indices(a: np.ndarray, k: int) -> np.ndarray:
     if index.size > k:  # ties at the threshold: drop the highest indices among them
         ties = np.flatnonzero(a[index] == threshold)
         keep = np.ones(index.size, bool)
-        keep[ties[k - index.size:]] = False
+        keep[ties[k - index.size :]] = False
         index = index[keep]
     return index
 

@@ -39,8 +39,8 @@ class Run:
     seed: int
     summary: dict
     metrics: list[dict[str, float]]
-    floats: float      # payload, float32 equivalents, both directions
-    bytes_up: float    # serialised
+    floats: float  # payload, float32 equivalents, both directions
+    bytes_up: float  # serialised
     bytes_down: float
     floats_by_round: dict[int, float]  # payload floats moved in each round
 
@@ -113,8 +113,10 @@ def group(runs: list[Run], baseline: str) -> dict[str, list[Run]]:
         if all(r.path.resolve() != run.path.resolve() for r in groups[run.method]):
             groups[run.method].append(run)
     if baseline not in groups:
-        raise CompareError(f"no run of the baseline method '{baseline}' among the runs given "
-                           f"(methods: {', '.join(groups)}); pass its run folders or choose --baseline")
+        raise CompareError(
+            f"no run of the baseline method '{baseline}' among the runs given "
+            f"(methods: {', '.join(groups)}); pass its run folders or choose --baseline"
+        )
     base_seeds = {r.seed for r in groups[baseline]}
     for method, members in groups.items():
         lacking = sorted({r.seed for r in members} - base_seeds)
@@ -143,32 +145,43 @@ def table_rows(groups: dict[str, list[Run]], baseline: str) -> list[dict[str, ob
     base = {r.seed: r for r in groups[baseline]}
     rows = []
     for method, runs in groups.items():
-        paper = [100.0 if method == baseline else 100.0 * r.summary["paper_volume_ratio"]
-                 for r in runs if method == baseline or "paper_volume_ratio" in r.summary]
-        rows.append({
-            "method": method, "seeds": [r.seed for r in runs],
-            "volume_floats": [100.0 * r.floats / base[r.seed].floats for r in runs],
-            "volume_bytes": [100.0 * r.bytes / base[r.seed].bytes for r in runs],
-            "volume_paper": paper,
-            "mb_up": [r.bytes_up / 1e6 for r in runs], "mb_down": [r.bytes_down / 1e6 for r in runs],
-            "final_accuracy": [100.0 * r.summary["final_accuracy"] for r in runs],
-            "best_accuracy": [100.0 * r.summary["best_accuracy"] for r in runs],
-            # payload bits per dense value (32: float32; a wire codec lowers it); – for runs before codecs
-            "bits_up": [r.summary.get("bits_per_value_up", math.nan) for r in runs],
-            "bits_down": [r.summary.get("bits_per_value_down", math.nan) for r in runs],
-        })
+        paper = [
+            100.0 if method == baseline else 100.0 * r.summary["paper_volume_ratio"]
+            for r in runs
+            if method == baseline or "paper_volume_ratio" in r.summary
+        ]
+        rows.append(
+            {
+                "method": method,
+                "seeds": [r.seed for r in runs],
+                "volume_floats": [100.0 * r.floats / base[r.seed].floats for r in runs],
+                "volume_bytes": [100.0 * r.bytes / base[r.seed].bytes for r in runs],
+                "volume_paper": paper,
+                "mb_up": [r.bytes_up / 1e6 for r in runs],
+                "mb_down": [r.bytes_down / 1e6 for r in runs],
+                "final_accuracy": [100.0 * r.summary["final_accuracy"] for r in runs],
+                "best_accuracy": [100.0 * r.summary["best_accuracy"] for r in runs],
+                # payload bits per dense value (32: float32; a wire codec lowers it); – for runs before codecs
+                "bits_up": [r.summary.get("bits_per_value_up", math.nan) for r in runs],
+                "bits_down": [r.summary.get("bits_per_value_down", math.nan) for r in runs],
+            }
+        )
     return rows
 
 
 def render(rows: list[dict[str, object]]) -> str:
-    head = ("| method | seeds | volume % (floats) | volume % (bytes) | volume % (paper-style) | MB up | MB down "
-            "| bits/value up | bits/value down | final accuracy % | best accuracy % |")
+    head = (
+        "| method | seeds | volume % (floats) | volume % (bytes) | volume % (paper-style) | MB up | MB down "
+        "| bits/value up | bits/value down | final accuracy % | best accuracy % |"
+    )
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for row in rows:
-        lines.append(f"| {row['method']} | {', '.join(map(str, row['seeds']))} | {fmt(row['volume_floats'])} "
-                     f"| {fmt(row['volume_bytes'])} | {fmt(row['volume_paper'])} | {fmt(row['mb_up'], 2)} "
-                     f"| {fmt(row['mb_down'], 2)} | {fmt(row['bits_up'], 2)} | {fmt(row['bits_down'], 2)} "
-                     f"| {fmt(row['final_accuracy'], 2)} | {fmt(row['best_accuracy'], 2)} |")
+        lines.append(
+            f"| {row['method']} | {', '.join(map(str, row['seeds']))} | {fmt(row['volume_floats'])} "
+            f"| {fmt(row['volume_bytes'])} | {fmt(row['volume_paper'])} | {fmt(row['mb_up'], 2)} "
+            f"| {fmt(row['mb_down'], 2)} | {fmt(row['bits_up'], 2)} | {fmt(row['bits_down'], 2)} "
+            f"| {fmt(row['final_accuracy'], 2)} | {fmt(row['best_accuracy'], 2)} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -185,25 +198,41 @@ def target_rows(groups: dict[str, list[Run]], baseline: str, target: float) -> l
         hits = {r.seed: r.to_target(target) for r in runs}
         reached = [h for h in hits.values() if h is not None]
         # A baseline that met the target before sending anything (round 0) gives no ratio.
-        ratios = [100.0 * h[1] / base[seed][1] for seed, h in hits.items()
-                  if h is not None and base.get(seed) is not None and base[seed][1] > 0]
-        rows.append({"method": method, "reached": len(reached), "seeds": len(runs),
-                     "round": [h[0] for h in reached], "mb": [h[1] / 1e6 for h in reached],
-                     "mfloats": [h[2] / 1e6 for h in reached], "bytes_pct": ratios})
+        ratios = [
+            100.0 * h[1] / base[seed][1]
+            for seed, h in hits.items()
+            if h is not None and base.get(seed) is not None and base[seed][1] > 0
+        ]
+        rows.append(
+            {
+                "method": method,
+                "reached": len(reached),
+                "seeds": len(runs),
+                "round": [h[0] for h in reached],
+                "mb": [h[1] / 1e6 for h in reached],
+                "mfloats": [h[2] / 1e6 for h in reached],
+                "bytes_pct": ratios,
+            }
+        )
     return rows
 
 
 def render_target(rows: list[dict[str, object]], target: float, baseline: str) -> str:
-    head = (f"| method | seeds reaching {100 * target:.2f}% | first round | MB to target | % of {baseline}'s bytes "
-            "| M floats to target |")
+    head = (
+        f"| method | seeds reaching {100 * target:.2f}% | first round | MB to target | % of {baseline}'s bytes "
+        "| M floats to target |"
+    )
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for row in rows:
         if not row["reached"]:
-            lines.append(f"| {row['method']} | 0 of {row['seeds']} | not reached | not reached | not reached "
-                         "| not reached |")
+            lines.append(
+                f"| {row['method']} | 0 of {row['seeds']} | not reached | not reached | not reached | not reached |"
+            )
             continue
-        lines.append(f"| {row['method']} | {row['reached']} of {row['seeds']} | {fmt(row['round'], 0)} "
-                     f"| {fmt(row['mb'], 1)} | {fmt(row['bytes_pct'])} | {fmt(row['mfloats'], 2)} |")
+        lines.append(
+            f"| {row['method']} | {row['reached']} of {row['seeds']} | {fmt(row['round'], 0)} "
+            f"| {fmt(row['mb'], 1)} | {fmt(row['bytes_pct'])} | {fmt(row['mfloats'], 2)} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -264,6 +293,7 @@ def plot(groups: dict[str, list[Run]], out: Path, target: float | None = None) -
                         drawn = True
                     break
             return drawn
+
         return draw
 
     def accuracy_vs_mb(ax):
@@ -284,19 +314,34 @@ def plot(groups: dict[str, list[Run]], out: Path, target: float | None = None) -
         return True
 
     band = "mean over seeds, band: min-max"
-    figure("accuracy_vs_round.png", "round", "test accuracy (%)", f"Accuracy ({band})",
-           per_round("accuracy", 100.0))
-    figure("mb_vs_round.png", "round", "cumulative traffic (MB, serialised, up + down)",
-           f"Communication volume ({band})", per_round("mb_cumulative", 1.0))
-    figure("accuracy_vs_mb.png", "cumulative traffic (MB, serialised, up + down; mean over seeds; log scale)",
-           "test accuracy (%)", f"Accuracy against traffic ({band})", accuracy_vs_mb)
-    figure("fraction_vs_round.png", "round", "share of weights (%)",
-           "Frozen (APF) or embedded (CMD) weights, per round", per_round(FRACTION_COLUMNS, 100.0))
+    figure("accuracy_vs_round.png", "round", "test accuracy (%)", f"Accuracy ({band})", per_round("accuracy", 100.0))
+    figure(
+        "mb_vs_round.png",
+        "round",
+        "cumulative traffic (MB, serialised, up + down)",
+        f"Communication volume ({band})",
+        per_round("mb_cumulative", 1.0),
+    )
+    figure(
+        "accuracy_vs_mb.png",
+        "cumulative traffic (MB, serialised, up + down; mean over seeds; log scale)",
+        "test accuracy (%)",
+        f"Accuracy against traffic ({band})",
+        accuracy_vs_mb,
+    )
+    figure(
+        "fraction_vs_round.png",
+        "round",
+        "share of weights (%)",
+        "Frozen (APF) or embedded (CMD) weights, per round",
+        per_round(FRACTION_COLUMNS, 100.0),
+    )
     return written
 
 
-def compare(paths: list[str | Path], baseline: str = "fedavg", out: str | Path | None = None,
-            target: float | None = None) -> str:
+def compare(
+    paths: list[str | Path], baseline: str = "fedavg", out: str | Path | None = None, target: float | None = None
+) -> str:
     """Compare the runs under `paths`; writes comparison.md and plots into `out`, returns the Markdown.
 
     `target` (a fraction) is the accuracy whose traffic-to-reach the second table reports; by
@@ -314,34 +359,37 @@ def compare(paths: list[str | Path], baseline: str = "fedavg", out: str | Path |
     rows = table_rows(groups, baseline)
     images = plot(groups, out, target)
     first = next(iter(groups.values()))[0].summary
-    text = "\n".join([
-        "# Comparison",
-        "",
-        f"{first.get('model', '?')} on {first.get('dataset', '?')}, {first.get('num_clients', '?')} clients, "
-        f"fraction {first.get('fraction_train', '?')}, {first.get('rounds', '?')} rounds. "
-        f"Baseline: {baseline}. Mean ± sample std over seeds.",
-        "",
-        render(rows),
-        f"- volume % (floats): payload float32 equivalents (weights, buffers, references, coefficients, indices, "
-        f"masks), up + down, over {baseline}'s with the same seed.",
-        f"- volume % (bytes): serialised bytes, payload and metadata, up + down, over {baseline}'s with the same seed.",
-        "- volume % (paper-style): the strategy's own count (`paper_volume_ratio`), which leaves out masks, "
-        "catch-up and metadata; – where the strategy has none.",
-        "- MB: serialised, 10^6 bytes, all rounds. Accuracy: central test set, final and best round.",
-        "- bits/value: encoded bytes x 8 of the dense payloads (weights, references, buffers) per value they carry "
-        "(32: float32; lower under a wire codec); – for runs that predate the codecs.",
-        "",
-        f"Traffic to first reach {100 * target:.2f}% test accuracy"
-        + (f" ({baseline}'s mean final accuracy minus 0.5 point)" if default else "") + ":",
-        "",
-        render_target(target_rows(groups, baseline, target), target, baseline),
-        f"- Only evaluated rounds count (`eval-every`); MB and floats are cumulative up to and including that "
-        f"round; % of {baseline}'s bytes pairs runs of the same seed where both reached the target.",
-        "",
-        *[f"![{name}]({name})" for name in images],
-        "",
-        "Runs: " + ", ".join(str(r.path) for g in groups.values() for r in g),
-        "",
-    ])
+    text = "\n".join(
+        [
+            "# Comparison",
+            "",
+            f"{first.get('model', '?')} on {first.get('dataset', '?')}, {first.get('num_clients', '?')} clients, "
+            f"fraction {first.get('fraction_train', '?')}, {first.get('rounds', '?')} rounds. "
+            f"Baseline: {baseline}. Mean ± sample std over seeds.",
+            "",
+            render(rows),
+            f"- volume % (floats): payload float32 equivalents (weights, buffers, references, coefficients, indices, "
+            f"masks), up + down, over {baseline}'s with the same seed.",
+            f"- volume % (bytes): serialised bytes, payload and metadata, up + down, over {baseline}'s with the same seed.",
+            "- volume % (paper-style): the strategy's own count (`paper_volume_ratio`), which leaves out masks, "
+            "catch-up and metadata; – where the strategy has none.",
+            "- MB: serialised, 10^6 bytes, all rounds. Accuracy: central test set, final and best round.",
+            "- bits/value: encoded bytes x 8 of the dense payloads (weights, references, buffers) per value they carry "
+            "(32: float32; lower under a wire codec); – for runs that predate the codecs.",
+            "",
+            f"Traffic to first reach {100 * target:.2f}% test accuracy"
+            + (f" ({baseline}'s mean final accuracy minus 0.5 point)" if default else "")
+            + ":",
+            "",
+            render_target(target_rows(groups, baseline, target), target, baseline),
+            f"- Only evaluated rounds count (`eval-every`); MB and floats are cumulative up to and including that "
+            f"round; % of {baseline}'s bytes pairs runs of the same seed where both reached the target.",
+            "",
+            *[f"![{name}]({name})" for name in images],
+            "",
+            "Runs: " + ", ".join(str(r.path) for g in groups.values() for r in g),
+            "",
+        ]
+    )
     (out / "comparison.md").write_text(text)
     return text

@@ -78,7 +78,7 @@ CORE: dict[str, Key] = {
     "codec-up": Key(str, "none", one_of(CODECS), f"one of {', '.join(CODECS)}"),
     "codec-down": Key(str, "none", one_of(CODECS), f"one of {', '.join(CODECS)}"),
     "codec-chunk": Key(int, 1024, positive, "a positive integer"),  # int8: values per scale
-    "topk-fraction": Key(float, 0.01, fraction, "in (0, 1]"),      # topk: share of the values sent
+    "topk-fraction": Key(float, 0.01, fraction, "in (0, 1]"),  # topk: share of the values sent
     # Defences against clients that lie (strategies/base.py, fedcmd/server.py)
     "max-update-norm": Key(float, 0.0, non_negative, "non-negative (0 = no bound)"),
     "partition-binding": Key(str, "", None, ""),  # JSON file: node public key -> partition (deploy --auth)
@@ -96,11 +96,35 @@ DEFAULTS: dict[str, Any] = {key: spec.default for key, spec in SCHEMA.items()}
 # Keys every client needs to load its data, train and encode its reply; an algorithm's declaration
 # adds its own (`client_keys`). Sent in every train message.
 CLIENT_KEYS = (
-    "dataset", "data-dir", "download", "synthetic-train-size", "synthetic-test-size", "synthetic-shape",
-    "partition", "dirichlet-alpha", "classes-per-client", "num-clients", "data-seed", "model",
-    "local-epochs", "local-steps", "batch-size", "lr", "momentum", "weight-decay", "optimizer", "adam-beta1",
-    "adam-beta2", "adam-eps", "optimizer-state", "seed", "strategy",
-    "codec-up", "codec-down", "codec-chunk", "topk-fraction",
+    "dataset",
+    "data-dir",
+    "download",
+    "synthetic-train-size",
+    "synthetic-test-size",
+    "synthetic-shape",
+    "partition",
+    "dirichlet-alpha",
+    "classes-per-client",
+    "num-clients",
+    "data-seed",
+    "model",
+    "local-epochs",
+    "local-steps",
+    "batch-size",
+    "lr",
+    "momentum",
+    "weight-decay",
+    "optimizer",
+    "adam-beta1",
+    "adam-beta2",
+    "adam-eps",
+    "optimizer-state",
+    "seed",
+    "strategy",
+    "codec-up",
+    "codec-down",
+    "codec-chunk",
+    "topk-fraction",
 )
 
 
@@ -151,7 +175,8 @@ def resolve(values: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(values) - set(SCHEMA))
     if unknown:
         raise ConfigError(
-            f"unknown config key '{unknown[0]}'" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
+            f"unknown config key '{unknown[0]}'"
+            + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
             + f"; valid keys: {', '.join(SCHEMA)}"
         )
     config = dict(DEFAULTS)
@@ -224,8 +249,13 @@ if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description="fedcmd's config keys")
-    parser.add_argument("--pyproject", nargs="?", const="pyproject.toml", metavar="PATH",
-                        help="rewrite the [tool.flwr.app.config] table of PATH (default ./pyproject.toml)")
+    parser.add_argument(
+        "--pyproject",
+        nargs="?",
+        const="pyproject.toml",
+        metavar="PATH",
+        help="rewrite the [tool.flwr.app.config] table of PATH (default ./pyproject.toml)",
+    )
     args = parser.parse_args()
     if args.pyproject:
         print(("rewrote " if write_pyproject(args.pyproject) else "unchanged: ") + args.pyproject)

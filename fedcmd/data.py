@@ -92,8 +92,7 @@ class SyntheticSpec:
         object.__setattr__(self, "shape", shape)
         if self.num_train <= 0 or self.num_test <= 0 or self.num_classes < 2 or self.noise < 0:
             raise ValueError(
-                "synthetic needs num_train > 0, num_test > 0, num_classes >= 2 and noise >= 0, "
-                f"got {self}"
+                f"synthetic needs num_train > 0, num_test > 0, num_classes >= 2 and noise >= 0, got {self}"
             )
 
 
@@ -241,9 +240,7 @@ def _decode_idx(name: str, directory: str) -> tuple[np.ndarray, ...]:
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_x"], arrays[f"{split}_y"]
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-            raise ValueError(
-                f"{name} in {directory}: {split} images {images.shape} do not match labels {labels.shape}"
-            )
+            raise ValueError(f"{name} in {directory}: {split} images {images.shape} do not match labels {labels.shape}")
     # Cached and shared: never handed out, only copied (load_dataset normalises into new tensors).
     return tuple(arrays[key][:, None] if key.endswith("_x") else arrays[key] for key in IDX_FILES)
 
@@ -342,9 +339,7 @@ def partition_indices(
     partitioners' own RNGs are seeded with `seed` too. Same seed, same partitions.
     """
     if scheme not in PARTITION_SCHEMES:
-        raise ValueError(
-            f"unknown partition scheme {scheme!r}; valid schemes: {', '.join(PARTITION_SCHEMES)}"
-        )
+        raise ValueError(f"unknown partition scheme {scheme!r}; valid schemes: {', '.join(PARTITION_SCHEMES)}")
     labels = np.asarray(labels, dtype=np.int64)
     if labels.ndim != 1:
         raise ValueError(f"labels must be one-dimensional, got shape {labels.shape}")

@@ -134,6 +134,7 @@ def descendants(pid: int) -> list[int]:
 def stop_process_groups(pgids: list[int], *, grace: float = 10.0, sig: int = signal.SIGTERM) -> None:
     """Send `sig` to each process group, wait up to `grace` seconds until none has a live member, then
     SIGKILL what is left. The processes need not be children of this one."""
+
     def signal_group(pgid: int, signum: int) -> None:
         try:
             os.killpg(pgid, signum)
@@ -149,13 +150,20 @@ def stop_process_groups(pgids: list[int], *, grace: float = 10.0, sig: int = sig
         signal_group(pgid, signal.SIGKILL)
 
 
-def flwr_json(args: tuple[str, ...] | list[str], *, env: dict[str, str], cwd: Path,
-              timeout: float = 120) -> dict[str, Any]:
+def flwr_json(
+    args: tuple[str, ...] | list[str], *, env: dict[str, str], cwd: Path, timeout: float = 120
+) -> dict[str, Any]:
     """Run a `flwr` CLI command with `--format json`; returns its JSON, or raises if it did not succeed."""
-    done = subprocess.run([flower_bin("flwr"), *args, "--format", "json"], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=timeout)
+    done = subprocess.run(
+        [flower_bin("flwr"), *args, "--format", "json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=timeout,
+    )
     try:
-        answer, _ = json.JSONDecoder().raw_decode(done.stdout[done.stdout.index("{"):])
+        answer, _ = json.JSONDecoder().raw_decode(done.stdout[done.stdout.index("{") :])
     except ValueError:
         answer = {}
     if not answer.get("success"):
@@ -163,8 +171,9 @@ def flwr_json(args: tuple[str, ...] | list[str], *, env: dict[str, str], cwd: Pa
     return answer
 
 
-def run_record(run_id: int | str, *, env: dict[str, str], cwd: Path, connection: str | None = None,
-               wait: float = 0.0) -> dict[str, Any]:
+def run_record(
+    run_id: int | str, *, env: dict[str, str], cwd: Path, connection: str | None = None, wait: float = 0.0
+) -> dict[str, Any]:
     """The SuperLink's record of a run (`flwr ls --run-id`: status, status-details, traffic, compute
     time); with `wait`, asked again for up to that many seconds until the run is `finished:...`."""
     deadline = time.monotonic() + wait
@@ -176,8 +185,14 @@ def run_record(run_id: int | str, *, env: dict[str, str], cwd: Path, connection:
         time.sleep(1.0)
 
 
-def follow_events(follower: EventFollower, *, ended: Callable[[], str | None], timeout: float,
-                  on_event: Callable[[Event], None] | None = None, every: float = 0.5) -> Event:
+def follow_events(
+    follower: EventFollower,
+    *,
+    ended: Callable[[], str | None],
+    timeout: float,
+    on_event: Callable[[Event], None] | None = None,
+    every: float = 0.5,
+) -> Event:
     """Follow a run's events until it finishes or fails; returns its run_finished or run_failed event.
 
     `on_event(event)` is called for every event, as it comes. `ended()` says why the run is over
@@ -246,10 +261,15 @@ def make_node_key(path: Path) -> Path:
 
     if not path.exists():
         key = ec.generate_private_key(ec.SECP384R1())
-        _write_private(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                               serialization.NoEncryption()))
+        _write_private(
+            path,
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+            ),
+        )
         path.with_name(path.name + ".pub").write_bytes(
-            key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n")
+            key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n"
+        )
     return path
 
 
@@ -270,31 +290,54 @@ def make_credentials(folder: str | Path, num_nodes: int, *, days: int = 30) -> C
         valid_from, valid_to = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days)
         ca_key = ec.generate_private_key(ec.SECP384R1())
         ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedcmd deployment CA")])
-        signs_certificates = x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
-                                           data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                           crl_sign=True, encipher_only=False, decipher_only=False)
-        ca_cert = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-                   .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-                   .not_valid_before(valid_from).not_valid_after(valid_to)
-                   .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-                   .add_extension(signs_certificates, critical=True)
-                   .sign(ca_key, hashes.SHA384()))
+        signs_certificates = x509.KeyUsage(
+            digital_signature=False,
+            content_commitment=False,
+            key_encipherment=False,
+            data_encipherment=False,
+            key_agreement=False,
+            key_cert_sign=True,
+            crl_sign=True,
+            encipher_only=False,
+            decipher_only=False,
+        )
+        ca_cert = (
+            x509.CertificateBuilder()
+            .subject_name(ca_name)
+            .issuer_name(ca_name)
+            .public_key(ca_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(valid_from)
+            .not_valid_after(valid_to)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(signs_certificates, critical=True)
+            .sign(ca_key, hashes.SHA384())
+        )
         server_key = ec.generate_private_key(ec.SECP384R1())
-        server_names = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(LOOPBACK)),
-                                                    x509.DNSName("localhost")])
-        server_cert = (x509.CertificateBuilder()
-                       .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, LOOPBACK)]))
-                       .issuer_name(ca_name).public_key(server_key.public_key())
-                       .serial_number(x509.random_serial_number())
-                       .not_valid_before(valid_from).not_valid_after(valid_to)
-                       .add_extension(server_names, critical=False)
-                       .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                       .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-                       .sign(ca_key, hashes.SHA384()))
+        server_names = x509.SubjectAlternativeName(
+            [x509.IPAddress(ipaddress.ip_address(LOOPBACK)), x509.DNSName("localhost")]
+        )
+        server_cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, LOOPBACK)]))
+            .issuer_name(ca_name)
+            .public_key(server_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(valid_from)
+            .not_valid_after(valid_to)
+            .add_extension(server_names, critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA384())
+        )
         creds.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
         creds.server_cert.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
-        _write_private(creds.server_key, server_key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        _write_private(
+            creds.server_key,
+            server_key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            ),
+        )
     for k in range(num_nodes):
         make_node_key(creds.node_key(k))
     write_binding(creds.binding, {k: Path(f"{creds.node_key(k)}.pub") for k in range(num_nodes)})
@@ -306,8 +349,11 @@ def app_packages(root: Path, pyproject: dict[str, Any]) -> list[str]:
     """The top-level packages in `root` that its pyproject.toml declares (`[tool.setuptools.packages.find]`)."""
     find = pyproject["tool"]["setuptools"]["packages"]["find"]
     matches = lambda name, key: any(fnmatch(name, pattern) for pattern in find.get(key, ()))
-    return sorted(d.name for d in root.iterdir() if d.is_dir() and d.name.isidentifier()
-                  and matches(d.name, "include") and not matches(d.name, "exclude"))
+    return sorted(
+        d.name
+        for d in root.iterdir()
+        if d.is_dir() and d.name.isidentifier() and matches(d.name, "include") and not matches(d.name, "exclude")
+    )
 
 
 def write_app(folder: Path, project: Path = PROJECT) -> Path:
@@ -320,8 +366,11 @@ def write_app(folder: Path, project: Path = PROJECT) -> Path:
     declared = tomllib.loads((project / "pyproject.toml").read_text())
     app = declared["tool"]["flwr"]["app"]
     app["config"] = {**DEFAULTS, "out-dir": ""}
-    pyproject = {"build-system": declared["build-system"], "project": declared["project"],
-                 "tool": {"flwr": {"app": app}}}
+    pyproject = {
+        "build-system": declared["build-system"],
+        "project": declared["project"],
+        "tool": {"flwr": {"app": app}},
+    }
     pyproject["project"].pop("readme", None)  # the README is not part of the app
     files: dict[str, bytes | Path] = {"pyproject.toml": tomli_w.dumps(pyproject).encode()}
     if (project / ".gitignore").is_file():
@@ -389,8 +438,15 @@ class Deployment:
     Flower spawns for them), SIGTERM then SIGKILL.
     """
 
-    def __init__(self, folder: str | Path, num_nodes: int, *, tls: bool = False, auth: bool = False,
-                 credentials: Credentials | None = None) -> None:
+    def __init__(
+        self,
+        folder: str | Path,
+        num_nodes: int,
+        *,
+        tls: bool = False,
+        auth: bool = False,
+        credentials: Credentials | None = None,
+    ) -> None:
         self.folder = Path(folder).resolve()
         self.num_nodes = num_nodes
         self.tls = tls or auth
@@ -414,14 +470,24 @@ class Deployment:
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env.update(FLWR_HOME=str(self.home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
-                   PYTHONUNBUFFERED="1", PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
+        env.update(
+            FLWR_HOME=str(self.home),
+            FLWR_TELEMETRY_ENABLED="0",
+            FLWR_DISABLE_UPDATE_CHECK="1",
+            PYTHONUNBUFFERED="1",
+            PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        )
         return env
 
     def _write_connection(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
-        lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]",
-                 f'address = "{self.address}"']
+        lines = [
+            "[superlink]",
+            f'default = "{CONNECTION}"',
+            "",
+            f"[superlink.{CONNECTION}]",
+            f'address = "{self.address}"',
+        ]
         lines += [f'root-certificates = "{self.credentials.ca_cert}"'] if self.tls else ["insecure = true"]
         (self.home / "config.toml").write_text("\n".join(lines) + "\n")
 
@@ -429,8 +495,9 @@ class Deployment:
         log = open(self.folder / log_name, "ab")
         self._logs.append(log)
         # A new session: the process and what it spawns form one group, stopped together by its PID.
-        return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env(), cwd=self.folder,
-                                start_new_session=True)
+        return subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, env=self.env(), cwd=self.folder, start_new_session=True
+        )
 
     def flwr(self, *args: str, timeout: float = 120) -> dict[str, Any]:
         """Run a `flwr` CLI command (with `--format json`) against this deployment; returns its JSON."""
@@ -443,12 +510,25 @@ class Deployment:
             self.credentials = make_credentials(self.folder / "credentials", self.num_nodes)
         self.port = free_port()
         self._write_connection()
-        args = [flower_bin("flower-superlink"), "--disable-runtime-dependency-installation",
-                "--host", LOOPBACK, "--port", str(self.port), "--database", ":flwr-in-memory:"]
+        args = [
+            flower_bin("flower-superlink"),
+            "--disable-runtime-dependency-installation",
+            "--host",
+            LOOPBACK,
+            "--port",
+            str(self.port),
+            "--database",
+            ":flwr-in-memory:",
+        ]
         if self.tls:
-            args += ["--ssl-ca-certfile", str(self.credentials.ca_cert),
-                     "--ssl-certfile", str(self.credentials.server_cert),
-                     "--ssl-keyfile", str(self.credentials.server_key)]
+            args += [
+                "--ssl-ca-certfile",
+                str(self.credentials.ca_cert),
+                "--ssl-certfile",
+                str(self.credentials.server_cert),
+                "--ssl-keyfile",
+                str(self.credentials.server_key),
+            ]
         else:
             args += ["--insecure"]
         if self.auth:
@@ -478,12 +558,20 @@ class Deployment:
 
     def register(self, node_key: Path) -> int:
         """Register a node's public key with the SuperLink; returns the node id it will have."""
-        return int(self.flwr("supernode", "register", str(node_key.with_name(node_key.name + ".pub")),
-                             CONNECTION)["node-id"])
+        return int(
+            self.flwr("supernode", "register", str(node_key.with_name(node_key.name + ".pub")), CONNECTION)["node-id"]
+        )
 
     def node_args(self, partition_id: int, *, key: Path | None = None) -> list[str]:
-        args = [flower_bin("flower-supernode"), "--superlink", self.address, "--port", str(free_port()),
-                "--node-config", f"partition-id={partition_id} num-partitions={self.num_nodes}"]
+        args = [
+            flower_bin("flower-supernode"),
+            "--superlink",
+            self.address,
+            "--port",
+            str(free_port()),
+            "--node-config",
+            f"partition-id={partition_id} num-partitions={self.num_nodes}",
+        ]
         args += ["--root-certificates", str(self.credentials.ca_cert)] if self.tls else ["--insecure"]
         if self.auth:
             args += ["--auth-supernode-private-key", str(key or self.credentials.node_key(partition_id))]
@@ -511,8 +599,9 @@ class Deployment:
                 raise DeploymentError(f"node {node_id} still online after {seconds} s")
             time.sleep(2.0)
 
-    def start_foreign_node(self, key: Path, partition_id: int = 0, log_name: str = "supernode-foreign.log"
-                           ) -> subprocess.Popen:
+    def start_foreign_node(
+        self, key: Path, partition_id: int = 0, log_name: str = "supernode-foreign.log"
+    ) -> subprocess.Popen:
         """A SuperNode with a key of its own choosing (e.g. one nobody registered)."""
         proc = self._spawn(self.node_args(partition_id, key=key), log_name)
         self._extra.append(proc)
@@ -529,9 +618,11 @@ class Deployment:
                 return
             dead = [k for k, p in self.nodes.items() if p.poll() is not None]
             if dead or time.monotonic() > deadline:
-                raise DeploymentError(f"{len(online)}/{count} SuperNodes online"
-                                      + (f"; SuperNode {dead[0]} exited, see supernode-{dead[0]}.log" if dead else
-                                         f" after {seconds} s") + f" (logs in {self.folder})")
+                raise DeploymentError(
+                    f"{len(online)}/{count} SuperNodes online"
+                    + (f"; SuperNode {dead[0]} exited, see supernode-{dead[0]}.log" if dead else f" after {seconds} s")
+                    + f" (logs in {self.folder})"
+                )
             time.sleep(1.0)
 
     # ----- stopping --------------------------------------------------------------------------
@@ -607,9 +698,15 @@ class Deployment:
                 self._sigterm = None
 
     # ----- running -----------------------------------------------------------------------------
-    def run(self, config: dict[str, Any], out: str | Path, *, timeout: float = 1800,
-            on_round: Callable[[int], None] | None = None,
-            on_event: Callable[[Event], None] | None = None) -> dict[str, Any]:
+    def run(
+        self,
+        config: dict[str, Any],
+        out: str | Path,
+        *,
+        timeout: float = 1800,
+        on_round: Callable[[int], None] | None = None,
+        on_event: Callable[[Event], None] | None = None,
+    ) -> dict[str, Any]:
         """Submit `config` as a run, follow its events until it ends, return its summary.
 
         `on_event(event)` is called for each of the run's events (`fedcmd.events`) and `on_round(r)`
@@ -625,8 +722,14 @@ class Deployment:
         run_id = int(self.flwr("run", str(app), CONNECTION, "--run-config", str(run_config), timeout=600)["run-id"])
         log_path = self.folder / "flwr-run.log"
         with open(log_path, "ab") as log:
-            stream = subprocess.Popen([flower_bin("flwr"), "log", str(run_id), CONNECTION, "--stream"], stdout=log,
-                                      stderr=subprocess.STDOUT, env=self.env(), cwd=self.folder, start_new_session=True)
+            stream = subprocess.Popen(
+                [flower_bin("flwr"), "log", str(run_id), CONNECTION, "--stream"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env(),
+                cwd=self.folder,
+                start_new_session=True,
+            )
 
         def handle(event: Event) -> None:
             if on_event is not None:
@@ -635,8 +738,12 @@ class Deployment:
                 on_round(event["round"])
 
         try:
-            end = follow_events(EventFollower(out / EVENTS_NAME), timeout=timeout, on_event=handle,
-                                ended=lambda: self.run_ended(run_id, stream, log_path))
+            end = follow_events(
+                EventFollower(out / EVENTS_NAME),
+                timeout=timeout,
+                on_event=handle,
+                ended=lambda: self.run_ended(run_id, stream, log_path),
+            )
             try:
                 stream.wait(120)  # the stream ends once the SuperLink has closed the run: the log is whole
             except subprocess.TimeoutExpired:
@@ -650,16 +757,20 @@ class Deployment:
         """Why run `run_id` is over without an end event, or None while it may still write one: the
         SuperLink exited, or it records the run finished (its log stream ends then)."""
         if self.superlink is not None and self.superlink.poll() is not None:
-            return (f"the SuperLink exited with code {self.superlink.returncode} during the run; "
-                    f"see {self.folder / 'superlink.log'} and {log_path}")
+            return (
+                f"the SuperLink exited with code {self.superlink.returncode} during the run; "
+                f"see {self.folder / 'superlink.log'} and {log_path}"
+            )
         if stream.poll() is None:
             return None
         record = run_record(run_id, env=self.env(), cwd=self.folder, connection=CONNECTION, wait=30.0)
         if not record["status"].startswith("finished"):
             return None  # the stream broke off while the run goes on: the events still tell its end
         details = f" ({record['status-details']})" if record.get("status-details") else ""
-        return (f"run {run_id} ended {record['status']}{details} without writing its end to "
-                f"{EVENTS_NAME}; see {log_path} and {self.folder / 'superlink.log'}")
+        return (
+            f"run {run_id} ended {record['status']}{details} without writing its end to "
+            f"{EVENTS_NAME}; see {log_path} and {self.folder / 'superlink.log'}"
+        )
 
     def record_run_details(self, run_id: int) -> dict[str, Any] | None:
         """The SuperLink's record of the run (status, network traffic it counted, compute time), saved
@@ -671,8 +782,15 @@ class Deployment:
         return record
 
 
-def deploy(config: dict[str, Any], out: str | Path, *, tls: bool = False, auth: bool = False,
-           timeout: float = 1800, on_event: Callable[[Event], None] | None = None) -> dict[str, Any]:
+def deploy(
+    config: dict[str, Any],
+    out: str | Path,
+    *,
+    tls: bool = False,
+    auth: bool = False,
+    timeout: float = 1800,
+    on_event: Callable[[Event], None] | None = None,
+) -> dict[str, Any]:
     """Start a deployment for `config`, run it, stop everything; returns the run's summary."""
     out = Path(out)
     with Deployment(out / "deploy", config["num-clients"], tls=tls, auth=auth) as deployment:
@@ -689,8 +807,11 @@ def build_parser() -> argparse.ArgumentParser:
     creds = sub.add_parser("credentials", help="make a CA, a server certificate for 127.0.0.1 and node keys")
     creds.add_argument("folder")
     creds.add_argument("--nodes", type=int, required=True, help="number of node key pairs")
-    app = sub.add_parser("app", help="write DIR/app and DIR/run-config.toml for `flwr run DIR/app <connection> "
-                                     "--run-config DIR/run-config.toml`")
+    app = sub.add_parser(
+        "app",
+        help="write DIR/app and DIR/run-config.toml for `flwr run DIR/app <connection> "
+        "--run-config DIR/run-config.toml`",
+    )
     app.add_argument("folder")
     app.add_argument("config", nargs="?", help="TOML config, as for `fedcmd run`")
     app.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
@@ -705,8 +826,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls", action="store_true", help="TLS between nodes, CLI and SuperLink")
     parser.add_argument("--auth", action="store_true", help="SuperNode authentication (implies --tls)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds the whole run may take (default 1800)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace the run the output folder holds (refused without this)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the run the output folder holds (refused without this)"
+    )
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -726,8 +848,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "credentials":
             creds = make_credentials(args.folder, args.nodes)
-            print(f"[fedcmd] CA {creds.ca_cert}, server certificate {creds.server_cert}, "
-                  f"node keys {creds.node_key(0)}..{args.nodes - 1} (+ .pub)")
+            print(
+                f"[fedcmd] CA {creds.ca_cert}, server certificate {creds.server_cert}, "
+                f"node keys {creds.node_key(0)}..{args.nodes - 1} (+ .pub)"
+            )
             return 0
         if args.command == "app":
             folder = Path(args.folder)

@@ -59,9 +59,13 @@ class LocalGrid(Grid):
 
     def _add_node(self, pid: int) -> int:
         self._next_node += 1
-        self.contexts[self._next_node] = Context(run_id=self._run_id, node_id=self._next_node,
-                                                 node_config={"partition-id": pid, "num-partitions": 0},
-                                                 state=RecordDict(), run_config={})
+        self.contexts[self._next_node] = Context(
+            run_id=self._run_id,
+            node_id=self._next_node,
+            node_config={"partition-id": pid, "num-partitions": 0},
+            state=RecordDict(),
+            run_config={},
+        )
         return self._next_node
 
     def node_of(self, pid: int) -> int:
@@ -118,8 +122,15 @@ class LocalGrid(Grid):
         return replies
 
 
-def run_inprocess(config: dict[str, Any], out_dir: str | Path, *, progress: bool = True,
-                  grid: LocalGrid | None = None, resume: bool = False, overwrite: bool = False) -> dict:
+def run_inprocess(
+    config: dict[str, Any],
+    out_dir: str | Path,
+    *,
+    progress: bool = True,
+    grid: LocalGrid | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> dict:
     """Run `config` with the in-process grid; returns the summary."""
     from fedcmd.client_app import app as client_app
     from fedcmd.server import run_experiment
@@ -142,17 +153,20 @@ def check_ray_address(address: str, *, timeout: float = 5.0) -> str:
     """
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in address:
-        raise RayClusterError(f"--ray-address {address!r}: expected HOST:PORT of the Ray head, the "
-                              f"--port of its `ray start --head` (Ray's default is 6379)")
+        raise RayClusterError(
+            f"--ray-address {address!r}: expected HOST:PORT of the Ray head, the "
+            f"--port of its `ray start --head` (Ray's default is 6379)"
+        )
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
     except OSError as err:
-        raise RayClusterError(f"no Ray cluster answers at {address} ({err}); start one with "
-                              f"`ray start --head --port {port}` on {host}") from None
+        raise RayClusterError(
+            f"no Ray cluster answers at {address} ({err}); start one with `ray start --head --port {port}` on {host}"
+        ) from None
     from ray._raylet import GcsClient  # what `ray health-check` uses; Ray has no public equivalent
 
     try:
-        GcsClient(address=address).cluster_id
+        GcsClient(address=address).cluster_id  # noqa: B018 (asking for it is the health check)
     except Exception as err:
         raise RayClusterError(f"{address} answers but is not the head of a Ray cluster: {err}") from None
     return address
@@ -165,9 +179,16 @@ def _ray_env() -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
-def run_ray(config: dict[str, Any], out_dir: str | Path, *, progress: bool = True,
-            cpus_per_client: float = 1.0, resume: bool = False, overwrite: bool = False,
-            ray_address: str | None = None) -> dict:
+def run_ray(
+    config: dict[str, Any],
+    out_dir: str | Path,
+    *,
+    progress: bool = True,
+    cpus_per_client: float = 1.0,
+    resume: bool = False,
+    overwrite: bool = False,
+    ray_address: str | None = None,
+) -> dict:
     """Run `config` on Flower's simulation engine (Ray); returns the summary.
 
     Without `ray_address`, on a Ray instance started for the run with this machine's CPUs; with it
@@ -189,8 +210,15 @@ def run_ray(config: dict[str, Any], out_dir: str | Path, *, progress: bool = Tru
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            run_server_app(grid, config, out_dir, progress=progress, resume=resume, overwrite=overwrite,
-                           flower_run_id=context.run_id)
+            run_server_app(
+                grid,
+                config,
+                out_dir,
+                progress=progress,
+                resume=resume,
+                overwrite=overwrite,
+                flower_run_id=context.run_id,
+            )
         except BaseException as err:  # keep it: run_simulation only logs the server thread's failure
             errors.append(err)
             raise
@@ -198,11 +226,16 @@ def run_ray(config: dict[str, Any], out_dir: str | Path, *, progress: bool = Tru
     # Flower passes init_args to ray.init as they are. Attaching, ray.init refuses num_cpus (the
     # nodes declared theirs); "local" starts a new instance even where RAY_ADDRESS names a cluster.
     where = {"address": ray_address} if ray_address else {"address": "local", "num_cpus": os.cpu_count()}
-    backend_config = {"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
-                      "init_args": {**where, "include_dashboard": False, "logging_level": "error",
-                                    "log_to_driver": True}}
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=config["num-clients"],
-                   backend_config=backend_config)
+    backend_config = {
+        "client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
+        "init_args": {**where, "include_dashboard": False, "logging_level": "error", "log_to_driver": True},
+    }
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=config["num-clients"],
+        backend_config=backend_config,
+    )
     if errors:
         raise errors[0]
     return json.loads((Path(out_dir) / "summary.json").read_text())

@@ -105,7 +105,7 @@ class EventFollower:
                 data = fh.read()
         except FileNotFoundError:
             return []
-        complete = data[:data.rfind(b"\n") + 1]
+        complete = data[: data.rfind(b"\n") + 1]
         self.offset += len(complete)
         return [json.loads(line) for line in complete.splitlines() if line.strip()]
 
@@ -120,15 +120,21 @@ def progress_line(event: Event) -> str | None:
     whoever raises it). Rounds without evaluation print nothing."""
     name = event["event"]
     if name == RUN_STARTED and event["resumed"]:
-        return (f"[fedcmd] {event['strategy']} on {event['dataset']}: resuming after round "
-                f"{event['first_round'] - 1} (last accuracy {_figure(event['accuracy'])})")
+        return (
+            f"[fedcmd] {event['strategy']} on {event['dataset']}: resuming after round "
+            f"{event['first_round'] - 1} (last accuracy {_figure(event['accuracy'])})"
+        )
     if name == RUN_STARTED:
-        return (f"[fedcmd] {event['strategy']} on {event['dataset']}, {event['parameters']} parameters; "
-                f"round 0: accuracy {_figure(event['accuracy'])}")
+        return (
+            f"[fedcmd] {event['strategy']} on {event['dataset']}, {event['parameters']} parameters; "
+            f"round 0: accuracy {_figure(event['accuracy'])}"
+        )
     if name == ROUND_FINISHED and event["evaluated"]:
-        return (f"[fedcmd] round {event['round']}/{event['rounds']}: accuracy {_figure(event['accuracy'])}, "
-                f"{event['replies']}/{event['sampled']} replies, {event['mb_cumulative']:.2f} MB so far, "
-                f"{event['round_seconds']:.1f} s")
+        return (
+            f"[fedcmd] round {event['round']}/{event['rounds']}: accuracy {_figure(event['accuracy'])}, "
+            f"{event['replies']}/{event['sampled']} replies, {event['mb_cumulative']:.2f} MB so far, "
+            f"{event['round_seconds']:.1f} s"
+        )
     if name == RUN_FINISHED:
         return json.dumps(event["summary"], indent=2)
     return None

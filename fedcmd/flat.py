@@ -86,8 +86,10 @@ class ParamLayout:
         vec = np.asarray(vec)
         if vec.shape != (self.numel,):
             raise ValueError(f"vec has shape {vec.shape}, this layout needs ({self.numel},)")
-        return {name: vec[start:stop].reshape(shape)
-                for name, shape, start, stop in zip(self.names, self.shapes, self.offsets[:-1], self.offsets[1:])}
+        return {
+            name: vec[start:stop].reshape(shape)
+            for name, shape, start, stop in zip(self.names, self.shapes, self.offsets[:-1], self.offsets[1:])
+        }
 
 
 def _named_tensors(module: nn.Module, kind: str) -> list[tuple[str, torch.Tensor]]:

@@ -83,8 +83,11 @@ def local_superlinks() -> list[LocalSuperLink]:
         except OSError:  # gone, or not ours to read
             continue
         if log_path.parent.name == "local-superlink":
-            found.append(LocalSuperLink(int(entry.name), log_path.parent.parent.resolve(),
-                                        int(_option(argv, "--port") or DEFAULT_PORT)))
+            found.append(
+                LocalSuperLink(
+                    int(entry.name), log_path.parent.parent.resolve(), int(_option(argv, "--port") or DEFAULT_PORT)
+                )
+            )
     return found
 
 
@@ -100,8 +103,10 @@ def stop_local_superlinks(home: Path, *, grace: float = 10.0) -> list[LocalSuper
     mine = [link for link in local_superlinks() if link.home == home]
     foreign = [link for link in mine if _pgid(link.pid) not in (link.pid, None)]
     if foreign:
-        raise DeploymentError(f"the SuperLink with PID {foreign[0].pid} (FLWR_HOME {home}) does not lead its "
-                              f"process group, so `flwr run` did not start it: stop it where it was started")
+        raise DeploymentError(
+            f"the SuperLink with PID {foreign[0].pid} (FLWR_HOME {home}) does not lead its "
+            f"process group, so `flwr run` did not start it: stop it where it was started"
+        )
     groups = {link.pid for link in mine}
     for link in mine:
         groups |= {pgid for pgid in map(_pgid, descendants(link.pid)) if pgid is not None}
@@ -149,11 +154,17 @@ def flwr_run(options: list[str], *, project: Path = PROJECT, env: dict[str, str]
         raise DeploymentError(
             f"{LOOPBACK}:{port} is taken by {', '.join(others) or 'another process'}: `flwr run` would submit "
             f"the run there. Stop it, or choose free ports with FLWR_LOCAL_SUPERLINK_HTTP_API_PORT and "
-            f"FLWR_LOCAL_CONTROL_API_PORT")
+            f"FLWR_LOCAL_CONTROL_API_PORT"
+        )
     run_id = None
     try:
-        proc = subprocess.Popen([flower_bin("flwr"), "run", str(project), "--stream", *options], env=env,
-                                cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [flower_bin("flwr"), "run", str(project), "--stream", *options],
+            env=env,
+            cwd=project,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         with proc:
             for line in proc.stdout:
                 sys.stdout.buffer.write(line)
@@ -166,8 +177,11 @@ def flwr_run(options: list[str], *, project: Path = PROJECT, env: dict[str, str]
     finally:
         stop_local_superlinks(home)
     if status != "finished:completed":
-        print(f"fedcmd local_superlink: run {run_id} ended {status}; see the log above and "
-              f"{home / 'local-superlink' / 'superlink.log'}", file=sys.stderr)
+        print(
+            f"fedcmd local_superlink: run {run_id} ended {status}; see the log above and "
+            f"{home / 'local-superlink' / 'superlink.log'}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

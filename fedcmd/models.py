@@ -118,9 +118,7 @@ class ResNet18(nn.Module):
 
     def __init__(self, in_shape: tuple[int, int, int] = (3, 32, 32), num_classes: int = 10) -> None:
         super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv2d(in_shape[0], 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU()
-        )
+        self.stem = nn.Sequential(nn.Conv2d(in_shape[0], 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
         blocks: list[nn.Module] = []
         in_channels = 64
         for out_channels, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):

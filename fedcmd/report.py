@@ -18,8 +18,17 @@ from fedcmd.events import EVENTS_NAME  # noqa: E402
 
 # Every file a run writes into its output folder (besides deploy/ for deployments, and the
 # checkpoint's files: `fedcmd.checkpoint.checkpoint_files`).
-RUN_OUTPUTS = ("config.toml", "partitions.csv", "metrics.csv", "volume.csv", "rejections.csv", "refusals.csv",
-               EVENTS_NAME, "summary.json", "run.png")
+RUN_OUTPUTS = (
+    "config.toml",
+    "partitions.csv",
+    "metrics.csv",
+    "volume.csv",
+    "rejections.csv",
+    "refusals.csv",
+    EVENTS_NAME,
+    "summary.json",
+    "run.png",
+)
 REJECTION_COLUMNS = ("round", "client", "reason")
 REFUSAL_COLUMNS = ("round", "node", "reason")  # nodes whose partition claim discovery refused
 
@@ -84,8 +93,10 @@ class RunTables:
 
     @staticmethod
     def _events(strategy, rounds) -> list[tuple[str, tuple[str, ...], list[tuple]]]:
-        return [("rejections.csv", REJECTION_COLUMNS, _rejections(strategy, rounds)),
-                ("refusals.csv", REFUSAL_COLUMNS, _refusals(strategy, rounds))]
+        return [
+            ("rejections.csv", REJECTION_COLUMNS, _rejections(strategy, rounds)),
+            ("refusals.csv", REFUSAL_COLUMNS, _refusals(strategy, rounds)),
+        ]
 
     def start_metrics(self, metrics: list[dict[str, Any]]) -> None:
         write_rows(self.out / "metrics.csv", metrics)
@@ -102,15 +113,20 @@ def _refusals(strategy, rounds) -> list[tuple]:
 
 def read_rows(path: Path) -> list[dict[str, float]]:
     with open(path, newline="") as fh:
-        return [{k: float(v) if v not in ("", None) else math.nan for k, v in row.items()} for row in csv.DictReader(fh)]
+        return [
+            {k: float(v) if v not in ("", None) else math.nan for k, v in row.items()} for row in csv.DictReader(fh)
+        ]
 
 
 def plot_run(out: Path, metrics: list[dict[str, Any]], title: str) -> None:
     rounds = [m["round"] for m in metrics]
     evaluated = [m for m in metrics if not math.isnan(m["accuracy"])]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    axes[0].plot([m["round"] for m in evaluated], [100 * m["accuracy"] for m in evaluated],
-                 marker="." if len(evaluated) <= 60 else None)
+    axes[0].plot(
+        [m["round"] for m in evaluated],
+        [100 * m["accuracy"] for m in evaluated],
+        marker="." if len(evaluated) <= 60 else None,
+    )
     axes[0].set(xlabel="round", ylabel="test accuracy (%)", title="accuracy")
     axes[1].plot(rounds, [m["mb_cumulative"] for m in metrics], marker="." if len(rounds) <= 60 else None)
     axes[1].set(xlabel="round", ylabel="MB (serialised, up + down)", title="cumulative volume")
@@ -122,8 +138,14 @@ def plot_run(out: Path, metrics: list[dict[str, Any]], title: str) -> None:
     plt.close(fig)
 
 
-def write_summary(out: Path, config: dict[str, Any], strategy, metrics: list[dict[str, Any]],
-                  fedavg_floats: float, wall_seconds: float) -> dict[str, Any]:
+def write_summary(
+    out: Path,
+    config: dict[str, Any],
+    strategy,
+    metrics: list[dict[str, Any]],
+    fedavg_floats: float,
+    wall_seconds: float,
+) -> dict[str, Any]:
     """summary.json and run.png of a finished run (its tables are written as it goes: RunTables)."""
     acc = strategy.accountant
     rejections = _rejections(strategy, sorted(strategy.rounds))
@@ -132,17 +154,28 @@ def write_summary(out: Path, config: dict[str, Any], strategy, metrics: list[dic
     trained = [m for m in metrics if m["round"] > 0]
     best = max((m for m in metrics if not math.isnan(m["accuracy"])), key=lambda m: m["accuracy"])
     summary = dict(
-        strategy=config["strategy"], seed=config["seed"], data_seed=config["data-seed"],
-        dataset=config["dataset"], partition=config["partition"], model=config["model"],
-        num_clients=config["num-clients"], fraction_train=config["fraction-train"],
-        num_parameters=int(strategy.weights.size), num_buffer_values=int(strategy.buffers.size),
-        rounds=len(trained), final_accuracy=metrics[-1]["accuracy"], best_accuracy=best["accuracy"],
+        strategy=config["strategy"],
+        seed=config["seed"],
+        data_seed=config["data-seed"],
+        dataset=config["dataset"],
+        partition=config["partition"],
+        model=config["model"],
+        num_clients=config["num-clients"],
+        fraction_train=config["fraction-train"],
+        num_parameters=int(strategy.weights.size),
+        num_buffer_values=int(strategy.buffers.size),
+        rounds=len(trained),
+        final_accuracy=metrics[-1]["accuracy"],
+        best_accuracy=best["accuracy"],
         best_round=best["round"],
         **{k: float(v) for k, v in totals.items()},
-        fedavg_floats=fedavg_floats, volume_ratio=floats / fedavg_floats if fedavg_floats else math.nan,
-        codec_up=config["codec-up"], codec_down=config["codec-down"],
+        fedavg_floats=fedavg_floats,
+        volume_ratio=floats / fedavg_floats if fedavg_floats else math.nan,
+        codec_up=config["codec-up"],
+        codec_down=config["codec-down"],
         **{f"bits_per_value_{d}": v for d, v in acc.bits_per_value().items()},
-        replies_rejected=len(rejections), nodes_refused=len(_refusals(strategy, sorted(strategy.rounds))),
+        replies_rejected=len(rejections),
+        nodes_refused=len(_refusals(strategy, sorted(strategy.rounds))),
         wall_seconds=wall_seconds,
         round_seconds_mean=sum(m["round_seconds"] for m in trained) / max(len(trained), 1),
         strategy_seconds_mean=sum(m["strategy_seconds"] for m in trained) / max(len(trained), 1),

@@ -47,8 +47,9 @@ from strategies.base import FedcmdStrategy, RoundLog
 log = logging.getLogger("fedcmd")
 
 
-def discover_nodes(grid: Grid, strategy: FedcmdStrategy, server_round: int, timeout: float,
-                   binding: dict[str, int] | None = None) -> None:
+def discover_nodes(
+    grid: Grid, strategy: FedcmdStrategy, server_round: int, timeout: float, binding: dict[str, int] | None = None
+) -> None:
     """Ask nodes the server has not heard of which partition they hold; forget nodes that left.
 
     Node ids are assigned by Flower (random in simulation, new when a SuperNode reconnects), while
@@ -110,6 +111,8 @@ def discovery_queries(nodes: Iterable[int], server_round: int) -> list[Message]:
 def last_accuracy(metrics: list[dict[str, Any]]) -> float:
     """Accuracy of the last evaluated round (rounds between `eval-every` evaluations have none)."""
     return next((m["accuracy"] for m in reversed(metrics) if not math.isnan(m["accuracy"])), float("nan"))
+
+
 def partition_claim(reply: Message):
     """The partition id a discovery reply claims, as sent (checked by the strategy); ValueError if none."""
     if reply.has_error():
@@ -166,8 +169,10 @@ def check_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
         return
     for name, what in ((CHECKPOINT_NAME, "checkpointed"), (LEGACY_NAME, "checkpointed"), ("summary.json", "finished")):
         if (out / name).exists():
-            raise SetupError(f"{out} holds a {what} run ({name}): pass --resume to continue it or "
-                             "--overwrite to replace it, or choose another output folder")
+            raise SetupError(
+                f"{out} holds a {what} run ({name}): pass --resume to continue it or "
+                "--overwrite to replace it, or choose another output folder"
+            )
 
 
 def make_out_dir(out: Path, *, overwrite: bool) -> None:
@@ -194,8 +199,16 @@ def setup_errors() -> Iterator[None]:
         raise SetupError("cannot set up the run: " + " ".join(str(err).split())) from err
 
 
-def run_experiment(grid: Grid, config: dict[str, Any], out_dir: str | Path, *, progress: bool = True,
-                   resume: bool = False, overwrite: bool = False, flower_run_id: int | None = None) -> dict:
+def run_experiment(
+    grid: Grid,
+    config: dict[str, Any],
+    out_dir: str | Path,
+    *,
+    progress: bool = True,
+    resume: bool = False,
+    overwrite: bool = False,
+    flower_run_id: int | None = None,
+) -> dict:
     """Run `config` over `grid`, write every output into `out_dir`, return the summary.
 
     A checkpoint is written to `out_dir` after every round; `resume=True` continues from it (see
@@ -222,8 +235,20 @@ def run_experiment(grid: Grid, config: dict[str, Any], out_dir: str | Path, *, p
             strategy = make_strategy(config)
             evaluator = CentralEvaluator(config)
             loss, acc = evaluator(strategy.weights, strategy.buffers)  # also checks the model fits the images
-            metrics = [dict(round=0, accuracy=acc, loss=loss, train_loss=float("nan"), sampled=0, accepted=0,
-                            rejected=0, mb_cumulative=0.0, round_seconds=0.0, strategy_seconds=0.0)]
+            metrics = [
+                dict(
+                    round=0,
+                    accuracy=acc,
+                    loss=loss,
+                    train_loss=float("nan"),
+                    sampled=0,
+                    accepted=0,
+                    rejected=0,
+                    mb_cumulative=0.0,
+                    round_seconds=0.0,
+                    strategy_seconds=0.0,
+                )
+            ]
             spent, first_round = 0.0, 1
     make_out_dir(out, overwrite=overwrite)
     events = EventLog(out / EVENTS_NAME, append=resume, listeners=[print_progress] if progress else [])
@@ -242,9 +267,18 @@ def run_experiment(grid: Grid, config: dict[str, Any], out_dir: str | Path, *, p
         tables = RunTables(out)
         tables.start(metrics, strategy)
         timeout, last = config["round-timeout"], config["num-server-rounds"]
-        events.emit(RUN_STARTED, strategy=config["strategy"], dataset=str(data), parameters=int(strategy.weights.size),
-                    rounds=last, first_round=first_round, resumed=resume, accuracy=last_accuracy(metrics),
-                    config_digest=hashlib.sha256(config_text.encode()).hexdigest(), flower_run_id=flower_run_id)
+        events.emit(
+            RUN_STARTED,
+            strategy=config["strategy"],
+            dataset=str(data),
+            parameters=int(strategy.weights.size),
+            rounds=last,
+            first_round=first_round,
+            resumed=resume,
+            accuracy=last_accuracy(metrics),
+            config_digest=hashlib.sha256(config_text.encode()).hexdigest(),
+            flower_run_id=flower_run_id,
+        )
         rows_seen = len(strategy.accountant.rows)
         mb = sum(r.wire_bytes for r in strategy.accountant.rows) / 1e6
         for rnd in range(first_round, last + 1):
@@ -264,12 +298,24 @@ def run_experiment(grid: Grid, config: dict[str, Any], out_dir: str | Path, *, p
             new_rows = strategy.accountant.rows[rows_seen:]
             rows_seen += len(new_rows)
             mb += sum(r.wire_bytes for r in new_rows) / 1e6
-            metrics.append(dict(round=rnd, accuracy=acc, loss=loss, train_loss=round_log.train_loss,
-                                sampled=len(round_log.sampled), accepted=len(round_log.accepted),
-                                rejected=len(round_log.rejected), mb_cumulative=mb,
-                                round_seconds=time.perf_counter() - t0, strategy_seconds=(t2 - t1) + (t4 - t3),
-                                clients_seconds=t3 - t2, client_train_seconds=round_log.train_seconds,
-                                eval_seconds=t5 - t4, **strategy.round_metrics(rnd)))
+            metrics.append(
+                dict(
+                    round=rnd,
+                    accuracy=acc,
+                    loss=loss,
+                    train_loss=round_log.train_loss,
+                    sampled=len(round_log.sampled),
+                    accepted=len(round_log.accepted),
+                    rejected=len(round_log.rejected),
+                    mb_cumulative=mb,
+                    round_seconds=time.perf_counter() - t0,
+                    strategy_seconds=(t2 - t1) + (t4 - t3),
+                    clients_seconds=t3 - t2,
+                    client_train_seconds=round_log.train_seconds,
+                    eval_seconds=t5 - t4,
+                    **strategy.round_metrics(rnd),
+                )
+            )
             t6 = time.perf_counter()
             save_checkpoint(out, Checkpoint(config, rnd, strategy, metrics, spent + time.perf_counter() - started))
             # the checkpoint is part of the round's cost (it is saved after the row it holds was made)
@@ -277,11 +323,23 @@ def run_experiment(grid: Grid, config: dict[str, Any], out_dir: str | Path, *, p
             metrics[-1]["round_seconds"] += metrics[-1]["checkpoint_seconds"]
             tables.append_round(rnd, metrics, strategy)  # after the checkpoint: the tables never run ahead of it
             done = rnd
-            events.emit(ROUND_FINISHED, round=rnd, rounds=last, evaluated=evaluated, accuracy=acc, loss=loss,
-                        train_loss=round_log.train_loss, sampled=len(round_log.sampled),
-                        replies=len(round_log.accepted), rejected=len(round_log.rejected),
-                        refused=len(round_log.refused), **round_volume(new_rows), mb_cumulative=mb,
-                        round_seconds=metrics[-1]["round_seconds"], metrics=metrics[-1])
+            events.emit(
+                ROUND_FINISHED,
+                round=rnd,
+                rounds=last,
+                evaluated=evaluated,
+                accuracy=acc,
+                loss=loss,
+                train_loss=round_log.train_loss,
+                sampled=len(round_log.sampled),
+                replies=len(round_log.accepted),
+                rejected=len(round_log.rejected),
+                refused=len(round_log.refused),
+                **round_volume(new_rows),
+                mb_cumulative=mb,
+                round_seconds=metrics[-1]["round_seconds"],
+                metrics=metrics[-1],
+            )
 
         cohorts = [len(strategy.rounds[r].sampled) for r in range(1, config["num-server-rounds"] + 1)]
         reference = fedavg_floats(strategy.weights.size + strategy.buffers.size, cohorts)
@@ -302,11 +360,19 @@ def round_volume(rows: list[VolumeRow]) -> dict[str, float]:
     return volume
 
 
-def run_server_app(grid: Grid, config: dict[str, Any], out_dir: str | Path, progress: bool = True,
-                   resume: bool = False, overwrite: bool = False, flower_run_id: int | None = None) -> dict:
+def run_server_app(
+    grid: Grid,
+    config: dict[str, Any],
+    out_dir: str | Path,
+    progress: bool = True,
+    resume: bool = False,
+    overwrite: bool = False,
+    flower_run_id: int | None = None,
+) -> dict:
     """Entry used by ServerApps: the server thread gets its own, bounded, share of the cores."""
     torch.set_num_threads(1)
     if not logging.getLogger().handlers:  # a deployed ServerApp process has none: keep rejections visible
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    return run_experiment(grid, config, out_dir, progress=progress, resume=resume, overwrite=overwrite,
-                          flower_run_id=flower_run_id)
+    return run_experiment(
+        grid, config, out_dir, progress=progress, resume=resume, overwrite=overwrite, flower_run_id=flower_run_id
+    )

@@ -23,5 +23,9 @@ def main(grid: Grid, context: Context) -> None:
     values = dict(context.run_config)
     out_dir = values.pop("out-dir", None)
     config = resolve(values)
-    run_server_app(grid, config, out_dir or f"runs/flwr/{config['strategy']}-seed{config['seed']}-run{context.run_id}",
-                   flower_run_id=context.run_id)
+    run_server_app(
+        grid,
+        config,
+        out_dir or f"runs/flwr/{config['strategy']}-seed{config['seed']}-run{context.run_id}",
+        flower_run_id=context.run_id,
+    )

@@ -17,8 +17,16 @@ from fedcmd.data import ImageData, load_dataset, partition_indices
 from fedcmd.flat import ParamLayout
 from fedcmd.models import build_model
 
-DATA_KEYS = ("dataset", "data-dir", "download", "synthetic-train-size", "synthetic-test-size",
-             "synthetic-shape", "seed", "data-seed")
+DATA_KEYS = (
+    "dataset",
+    "data-dir",
+    "download",
+    "synthetic-train-size",
+    "synthetic-test-size",
+    "synthetic-shape",
+    "seed",
+    "data-seed",
+)
 PARTITION_KEYS = ("num-clients", "partition", "dirichlet-alpha", "classes-per-client", "data-seed")
 
 
@@ -43,8 +51,9 @@ def dataset(config: Mapping[str, Any]) -> ImageData:
 def _partitions(data_key: tuple, part_key: tuple) -> tuple[np.ndarray, ...]:
     num_clients, scheme, alpha, classes, data_seed = part_key
     labels = _dataset(data_key).train_y.numpy()
-    return tuple(partition_indices(labels, num_clients, scheme, seed=data_seed, alpha=alpha,
-                                   classes_per_partition=classes))
+    return tuple(
+        partition_indices(labels, num_clients, scheme, seed=data_seed, alpha=alpha, classes_per_partition=classes)
+    )
 
 
 def partitions(config: Mapping[str, Any]) -> tuple[np.ndarray, ...]:

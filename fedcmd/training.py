@@ -18,9 +18,16 @@ def default_device() -> torch.device:
     return torch.device(name)
 
 
-def make_optimizer(params: Iterable[nn.Parameter], name: str = "sgd", *, lr: float, momentum: float = 0.0,
-                   weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
-                   eps: float = 1e-8) -> torch.optim.Optimizer:
+def make_optimizer(
+    params: Iterable[nn.Parameter],
+    name: str = "sgd",
+    *,
+    lr: float,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> torch.optim.Optimizer:
     """`sgd` (with momentum) or `adam`. Weight decay is PyTorch's coupled L2 term in both, which is
     what `torch.optim.Adam(weight_decay=...)` does and what the APF paper's LeNet-5 setting used
     (Adam, lr 0.001, weight decay 0.01, PyTorch's default betas and eps)."""
@@ -50,8 +57,9 @@ class BatchStream:
     the end of a pass is completed from the next pass, so no sample is drawn twice within a pass.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, partition_id: int, pass_index: int = 0,
-                 offset: int = 0) -> None:
+    def __init__(
+        self, n: int, batch_size: int, seed: int, partition_id: int, pass_index: int = 0, offset: int = 0
+    ) -> None:
         if n <= 0:
             raise ValueError("BatchStream: empty partition")
         if not 0 <= offset < n or pass_index < 0:
@@ -85,9 +93,15 @@ class BatchStream:
             yield self.next_batch()
 
 
-def run_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batches: Iterable[torch.Tensor],
-              optimiser: torch.optim.Optimizer, step_hook: Callable[[nn.Module], None] | None = None,
-              penalty: Callable[[nn.Module], torch.Tensor] | None = None) -> dict[str, float]:
+def run_steps(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batches: Iterable[torch.Tensor],
+    optimiser: torch.optim.Optimizer,
+    step_hook: Callable[[nn.Module], None] | None = None,
+    penalty: Callable[[nn.Module], torch.Tensor] | None = None,
+) -> dict[str, float]:
     """One optimiser step per index batch; returns the mean loss and the step count.
 
     `step_hook(model)` runs after every optimiser step; strategies use it to hold parameters that

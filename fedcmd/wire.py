@@ -64,12 +64,14 @@ def make_codec(config: Mapping[str, Any], direction: str) -> Codec:
     return Codec(config[f"codec-{direction}"], chunk=config["codec-chunk"], fraction=config["topk-fraction"])
 
 
-def codec_rng(config: Mapping[str, Any], server_round: int, direction: str, partition_id: int, key: str
-              ) -> np.random.Generator:
+def codec_rng(
+    config: Mapping[str, Any], server_round: int, direction: str, partition_id: int, key: str
+) -> np.random.Generator:
     """The generator of int8's stochastic rounding for one payload: drawn from (seed, round, direction,
     client, record), so reruns and resumed runs encode the same bytes (partition -1: the broadcast)."""
-    return np.random.default_rng([config["seed"], server_round, DIRECTIONS.index(direction), partition_id + 1,
-                                  PAYLOAD_KEYS.index(key)])
+    return np.random.default_rng(
+        [config["seed"], server_round, DIRECTIONS.index(direction), partition_id + 1, PAYLOAD_KEYS.index(key)]
+    )
 
 
 def encoded_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:

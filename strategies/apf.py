@@ -71,7 +71,7 @@ class RoundMask:
 
     version: int
     active: np.ndarray  # bool, read-only
-    index: np.ndarray   # int64 positions of the active scalars, ascending
+    index: np.ndarray  # int64 positions of the active scalars, ascending
 
 
 @dataclass(frozen=True)
@@ -105,17 +105,23 @@ class APF(FedcmdStrategy):
         n = self.weights.size
         self.check_every = config["apf-check-every"]
         self.controller = FreezingController(
-            n, alpha=config["apf-alpha"], threshold=config["apf-threshold"], tighten_at=config["apf-tighten-at"],
-            aggressive=self.aggressive, seed=config["seed"], rounds_per_check=self.check_every,
-            random_freeze_periods=config["apf-random-freeze-periods"])
+            n,
+            alpha=config["apf-alpha"],
+            threshold=config["apf-threshold"],
+            tighten_at=config["apf-tighten-at"],
+            aggressive=self.aggressive,
+            seed=config["seed"],
+            rounds_per_check=self.check_every,
+            random_freeze_periods=config["apf-random-freeze-periods"],
+        )
         self.at_last_check = self.weights.copy()
-        self.changed_in = np.zeros(n, dtype=np.int32)   # last round whose aggregation changed each scalar
-        self.mask = self._mask_now()                    # in force for the round being configured
-        self.previous_mask: RoundMask | None = None     # in force during the last completed round
+        self.changed_in = np.zeros(n, dtype=np.int32)  # last round whose aggregation changed each scalar
+        self.mask = self._mask_now()  # in force for the round being configured
+        self.previous_mask: RoundMask | None = None  # in force during the last completed round
         self.acked: dict[int, Acked] = {}
-        self.sent: dict[int, Acked] = {}                # partition -> versions sent this round
+        self.sent: dict[int, Acked] = {}  # partition -> versions sent this round
         self.paper_floats: dict[int, float] = {}
-        self.catch_ups: dict[int, Counter] = {}         # round -> catch-up kind counts, "mask" too
+        self.catch_ups: dict[int, Counter] = {}  # round -> catch-up kind counts, "mask" too
         self.round_figures: dict[int, dict[str, float]] = {}
         self._rows_seen = 0
         self._changed_since: dict[int, np.ndarray] = {}  # per-round cache: model version -> positions
@@ -165,11 +171,20 @@ class APF(FedcmdStrategy):
     def train_content(self, server_round: int, partition_id: int) -> RecordDict:
         kind, index = self._catch_up(server_round, partition_id)
         acked = self.acked.get(partition_id)
-        head = SyncHead(kind, server_round - 1, self.mask.version, acked.model_version if kind != "full" else -1,
-                        acked.mask_version if kind in ("derived", "delta") else None)
+        head = SyncHead(
+            kind,
+            server_round - 1,
+            self.mask.version,
+            acked.model_version if kind != "full" else -1,
+            acked.mask_version if kind in ("derived", "delta") else None,
+        )
         values = self.weights if index is None else self.weights[index]
-        content = RecordDict({HEAD: head.record(),
-                              "weights": self.dense_record("weights", values, self.broadcast if kind == "delta" else None)})
+        content = RecordDict(
+            {
+                HEAD: head.record(),
+                "weights": self.dense_record("weights", values, self.broadcast if kind == "delta" else None),
+            }
+        )
         masks = {}
         if kind == "explicit":
             changed = np.zeros(self.weights.size, dtype=bool)
@@ -192,8 +207,9 @@ class APF(FedcmdStrategy):
         held = Acked(read_int(metrics, "model-version"), read_int(metrics, "mask-version"))
         if held != sent:
             raise ReplyError(f"client holds model/mask versions {held}, expected {sent}")
-        return APFUpdate(self.read_values(content, "weights", self.weights[self.mask.index]),
-                         self.read_buffer_values(content), held)
+        return APFUpdate(
+            self.read_values(content, "weights", self.weights[self.mask.index]), self.read_buffer_values(content), held
+        )
 
     def update_pairs(self, update: APFUpdate) -> list[tuple[np.ndarray, np.ndarray]]:
         return [(update.weights, self.weights[self.mask.index]), (update.buffers, self.buffers)]
@@ -232,16 +248,22 @@ class APF(FedcmdStrategy):
     def state_dict(self) -> dict[str, Any]:
         """The base's state, the controller's, the model at the last check, the round each scalar
         last changed in, the masks in force, and the per-round figures."""
+
         def mask(m: RoundMask | None) -> dict[str, Any] | None:
             return None if m is None else {"version": m.version, "active": m.active}
 
-        return {**super().state_dict(), "controller": self.controller.state_dict(),
-                "at_last_check": self.at_last_check, "changed_in": self.changed_in,
-                "mask": mask(self.mask), "previous_mask": mask(self.previous_mask),
-                "paper_floats": [[r, v] for r, v in self.paper_floats.items()],
-                "catch_ups": [[r, dict(c)] for r, c in self.catch_ups.items()],
-                "round_figures": [[r, dict(f)] for r, f in self.round_figures.items()],
-                "rows_seen": self._rows_seen}
+        return {
+            **super().state_dict(),
+            "controller": self.controller.state_dict(),
+            "at_last_check": self.at_last_check,
+            "changed_in": self.changed_in,
+            "mask": mask(self.mask),
+            "previous_mask": mask(self.previous_mask),
+            "paper_floats": [[r, v] for r, v in self.paper_floats.items()],
+            "catch_ups": [[r, dict(c)] for r, c in self.catch_ups.items()],
+            "round_figures": [[r, dict(f)] for r, f in self.round_figures.items()],
+            "rows_seen": self._rows_seen,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
@@ -253,8 +275,9 @@ class APF(FedcmdStrategy):
         if mask is None:
             raise CheckpointError("missing", ("mask",))
         if mask.version == self.controller.n_checks and not np.array_equal(mask.active, self.controller.active_mask):
-            raise CheckpointError(f"version {mask.version} differs from the controller's mask of that version",
-                                  ("mask",))
+            raise CheckpointError(
+                f"version {mask.version} differs from the controller's mask of that version", ("mask",)
+            )
         self.at_last_check, self.changed_in = at_last_check.copy(), changed_in.copy()
         self.mask, self.previous_mask = mask, self._read_mask(state, "previous_mask")
         self.paper_floats = by_round(state, "paper_floats", float)
@@ -262,8 +285,9 @@ class APF(FedcmdStrategy):
         self.round_figures = by_round(state, "round_figures", read_figures)
         self._rows_seen = entry(state, "rows_seen", int)
         if not 0 <= self._rows_seen <= len(self.accountant.rows):
-            raise CheckpointError(f"{self._rows_seen} is not within the accountant's {len(self.accountant.rows)} rows",
-                                  ("rows_seen",))
+            raise CheckpointError(
+                f"{self._rows_seen} is not within the accountant's {len(self.accountant.rows)} rows", ("rows_seen",)
+            )
 
     def _read_mask(self, state: dict[str, Any], key: str) -> RoundMask | None:
         value = entry(state, key, object)
@@ -273,8 +297,9 @@ class APF(FedcmdStrategy):
             version = entry(value, "version", int)
             active = array_entry(value, "active", np.bool_, (self.weights.size,)).copy()
             if not 0 <= version <= self.controller.n_checks:
-                raise CheckpointError(f"version {version} is not within the controller's "
-                                      f"{self.controller.n_checks} checks")
+                raise CheckpointError(
+                    f"version {version} is not within the controller's {self.controller.n_checks} checks"
+                )
         active.flags.writeable = False
         return RoundMask(version, active, np.flatnonzero(active))
 
@@ -282,22 +307,29 @@ class APF(FedcmdStrategy):
     def _measure(self, server_round: int) -> dict[str, float]:
         """The round's mask and measured traffic: payload floats (weights, buffers and masks, as
         float32 equivalents), serialised bytes, and the mask bytes among them."""
-        rows = [r for r in self.accountant.rows[self._rows_seen:] if r.round == server_round]
+        rows = [r for r in self.accountant.rows[self._rows_seen :] if r.round == server_round]
         self._rows_seen = len(self.accountant.rows)
         active = self.previous_mask.index.size
-        return {"frozen_fraction": 1.0 - active / self.weights.size, "active_weights": active,
-                "measured_floats": float(sum(r.floats for r in rows)),
-                "measured_bytes": float(sum(r.wire_bytes for r in rows)),
-                "mask_bytes": float(sum(r.raw_bytes for r in rows if r.category == "masks"))}
+        return {
+            "frozen_fraction": 1.0 - active / self.weights.size,
+            "active_weights": active,
+            "measured_floats": float(sum(r.floats for r in rows)),
+            "measured_bytes": float(sum(r.wire_bytes for r in rows)),
+            "mask_bytes": float(sum(r.raw_bytes for r in rows if r.category == "masks")),
+        }
 
     def round_metrics(self, server_round: int) -> dict[str, float]:
         """Figures of the round just run: `frozen_fraction` is the share of weights frozen (neither
         sent nor aggregated) during it; `mask_version` and `apf_threshold` are after its check."""
         kinds = self.catch_ups.get(server_round, Counter())
-        return {**self.round_figures.get(server_round, {}),
-                "paper_floats": self.paper_floats.get(server_round, float("nan")),
-                "mask_version": self.controller.n_checks, "apf_threshold": self.controller.threshold,
-                **{f"sync_{k}": kinds[k] for k in CATCH_UP_KINDS}, "masks_sent": kinds["mask"]}
+        return {
+            **self.round_figures.get(server_round, {}),
+            "paper_floats": self.paper_floats.get(server_round, float("nan")),
+            "mask_version": self.controller.n_checks,
+            "apf_threshold": self.controller.threshold,
+            **{f"sync_{k}": kinds[k] for k in CATCH_UP_KINDS},
+            "masks_sent": kinds["mask"],
+        }
 
     def summary_extra(self) -> dict[str, Any]:
         cohorts = [len(self.rounds[r].sampled) for r in sorted(self.rounds)]
@@ -306,16 +338,23 @@ class APF(FedcmdStrategy):
         measured = sum(f["measured_floats"] for f in self.round_figures.values())
         kinds = sum(self.catch_ups.values(), Counter())
         frozen = [f["frozen_fraction"] for f in self.round_figures.values()]
-        return {"paper_floats": paper, "paper_volume_ratio": paper / reference if reference else float("nan"),
-                "measured_volume_ratio": measured / fedavg_floats(self.weights.size + self.buffers.size, cohorts)
-                if reference else float("nan"),
-                "mask_bytes": float(sum(f["mask_bytes"] for f in self.round_figures.values())),
-                "frozen_fraction_mean": float(np.mean(frozen)) if frozen else 0.0,
-                "frozen_fraction_next": float(self.controller.frozen_fraction),
-                "apf_checks": self.controller.n_checks, "apf_threshold_final": self.controller.threshold,
-                **{f"sync_{k}": int(kinds[k]) for k in CATCH_UP_KINDS}, "masks_sent": int(kinds["mask"]),
-                "apf_check_every": self.check_every, "apf_aggressive": self.aggressive,
-                "apf_random_freeze_periods": self.config["apf-random-freeze-periods"]}
+        return {
+            "paper_floats": paper,
+            "paper_volume_ratio": paper / reference if reference else float("nan"),
+            "measured_volume_ratio": measured / fedavg_floats(self.weights.size + self.buffers.size, cohorts)
+            if reference
+            else float("nan"),
+            "mask_bytes": float(sum(f["mask_bytes"] for f in self.round_figures.values())),
+            "frozen_fraction_mean": float(np.mean(frozen)) if frozen else 0.0,
+            "frozen_fraction_next": float(self.controller.frozen_fraction),
+            "apf_checks": self.controller.n_checks,
+            "apf_threshold_final": self.controller.threshold,
+            **{f"sync_{k}": int(kinds[k]) for k in CATCH_UP_KINDS},
+            "masks_sent": int(kinds["mask"]),
+            "apf_check_every": self.check_every,
+            "apf_aggressive": self.aggressive,
+            "apf_random_freeze_periods": self.config["apf-random-freeze-periods"],
+        }
 
 
 def read_catch_ups(value: Any) -> Counter:

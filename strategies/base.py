@@ -146,14 +146,19 @@ class FedcmdStrategy(Strategy):
     # if not, the base class does it when a lossy `codec-down` needs it (`sync_head`).
     own_model_versions = False
 
-    def __init__(self, weights: np.ndarray, buffers: np.ndarray, config: dict[str, Any],
-                 accountant: VolumeAccountant | None = None) -> None:
+    def __init__(
+        self,
+        weights: np.ndarray,
+        buffers: np.ndarray,
+        config: dict[str, Any],
+        accountant: VolumeAccountant | None = None,
+    ) -> None:
         self.weights = np.asarray(weights, dtype=np.float32).copy()
         self.buffers = np.asarray(buffers, dtype=np.float32).copy()
         self.config = config
         self.accountant = accountant if accountant is not None else VolumeAccountant()
-        self.node_of: dict[int, int] = {}        # partition id -> Flower node id
-        self.partition_of: dict[int, int] = {}   # Flower node id -> partition id
+        self.node_of: dict[int, int] = {}  # partition id -> Flower node id
+        self.partition_of: dict[int, int] = {}  # Flower node id -> partition id
         self.rounds: dict[int, RoundLog] = {}
         # Set by the server when clients keep local-training state: the run's token and where
         # clients keep copies of that state for resumed runs (clients/common.py); sent with the config.
@@ -162,7 +167,7 @@ class FedcmdStrategy(Strategy):
         self.codec_up, self.codec_down = make_codec(config, "up"), make_codec(config, "down")
         self.broadcast: Broadcast | None = None
         self.down_residual: np.ndarray | None = None  # topk downlink error feedback, over the weights
-        self.held: dict[int, int] = {}          # partition -> model version it holds (lossy downlink)
+        self.held: dict[int, int] = {}  # partition -> model version it holds (lossy downlink)
         self.sent_version: dict[int, int] = {}  # partition -> model version sent this round
 
     # ----- what subclasses define -------------------------------------------------------------
@@ -279,7 +284,8 @@ class FedcmdStrategy(Strategy):
                 if self.down_residual is None:
                     self.down_residual = np.zeros(self.weights.size, dtype=np.float32)
                 arrays[key], decoded, self.down_residual[index] = with_error_feedback(
-                    self.codec_down, change, self.down_residual[index], rng)
+                    self.codec_down, change, self.down_residual[index], rng
+                )
             else:
                 arrays[key] = self.codec_down.encode(change, rng)
                 decoded = self.codec_down.decode(arrays[key], change.size)
@@ -309,8 +315,9 @@ class FedcmdStrategy(Strategy):
         """Record `key` of a train message: the broadcast's payload, or the values in float32."""
         return encoded_record(broadcast.arrays[key]) if broadcast is not None else vector_record(values)
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord | None, config: ConfigRecord | None,
-                        grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord | None, config: ConfigRecord | None, grid: Grid
+    ) -> Iterable[Message]:
         self.sent_version.clear()
         log_ = self.rounds.setdefault(server_round, RoundLog())
         log_.sampled = [int(p) for p in self.cohort(server_round)]
@@ -333,8 +340,9 @@ class FedcmdStrategy(Strategy):
             outbox[pid] = msg
         return messages
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         log_ = self.rounds.setdefault(server_round, RoundLog())
         sent = getattr(self, "outbox", {}).pop(server_round, {})
         asked = {msg.metadata.message_id: pid for pid, msg in sent.items() if msg.metadata.message_id}
@@ -342,8 +350,12 @@ class FedcmdStrategy(Strategy):
         for reply in replies:
             pid = asked.get(reply.metadata.reply_to_message_id)
             if pid is None or pid in answered:
-                log.warning("round %d: ignoring a reply (from node %s) that answers no train message of this "
-                            "round, or one already answered", server_round, reply.metadata.src_node_id)
+                log.warning(
+                    "round %d: ignoring a reply (from node %s) that answers no train message of this "
+                    "round, or one already answered",
+                    server_round,
+                    reply.metadata.src_node_id,
+                )
                 continue
             answered[pid] = reply
         # Replies are read in partition order, not arrival order, so that every float sum over them
@@ -352,8 +364,9 @@ class FedcmdStrategy(Strategy):
         for pid, reply in sorted(answered.items()):
             self.accountant.record_message(server_round, pid, "up", reply)
             try:
-                update, examples, loss, seconds = self.read_reply(server_round, pid, reply,
-                                                                  sent[pid].metadata.dst_node_id)
+                update, examples, loss, seconds = self.read_reply(
+                    server_round, pid, reply, sent[pid].metadata.dst_node_id
+                )
             except Exception as err:  # whatever a reply makes fail (TypeError, ...), the reply is at fault
                 reason = str(err) if isinstance(err, ReplyError) else f"unreadable reply: {type(err).__name__}: {err}"
                 reason = reason[:300] + " ..." if len(reason) > 300 else reason
@@ -378,8 +391,9 @@ class FedcmdStrategy(Strategy):
             log.warning("round %d: no usable reply; the global model is unchanged", server_round)
         return self.global_arrays(), MetricRecord({"accepted": len(updates)})
 
-    def read_reply(self, server_round: int, partition_id: int, reply: Message, node_id: int
-                   ) -> tuple[Any, float, float, float]:
+    def read_reply(
+        self, server_round: int, partition_id: int, reply: Message, node_id: int
+    ) -> tuple[Any, float, float, float]:
         """(update, number of examples, train loss, the client's optimizer-step seconds) of a reply,
         or ReplyError saying what is wrong."""
         if reply.has_error():
@@ -398,13 +412,16 @@ class FedcmdStrategy(Strategy):
         if unexpected:
             raise ReplyError(f"reply holds metrics this strategy does not read: {shown(unexpected)}")
         if syncs and read_int(metrics, "model-version") != self.sent_version[partition_id]:
-            raise ReplyError(f"client holds model version {metrics['model-version']}, "
-                             f"expected {self.sent_version[partition_id]}")
+            raise ReplyError(
+                f"client holds model version {metrics['model-version']}, expected {self.sent_version[partition_id]}"
+            )
         expected = self.examples_of(partition_id)
         examples = read_number(metrics, "num-examples")
         if examples != expected:
-            raise ReplyError(f"'num-examples' is {shown(metrics['num-examples'])}, "
-                             f"but partition {partition_id} holds {expected} examples")
+            raise ReplyError(
+                f"'num-examples' is {shown(metrics['num-examples'])}, "
+                f"but partition {partition_id} holds {expected} examples"
+            )
         loss = read_number(metrics, "train-loss")
         if loss < 0:
             raise ReplyError(f"'train-loss' is negative ({loss})")
@@ -445,12 +462,25 @@ class FedcmdStrategy(Strategy):
         lives within one round (messages sent, versions sent): a checkpoint is taken between rounds.
         """
         b = self.broadcast
-        return {"weights": self.weights, "buffers": self.buffers, "accountant": self.accountant.state_dict(),
-                "rounds": [[r, {**vars(log_), "rejected": [list(x) for x in log_.rejected],
-                                "refused": [list(x) for x in log_.refused]}] for r, log_ in self.rounds.items()],
-                "run_info": dict(self.run_info),
-                "broadcast": None if b is None else {"version": b.version, "arrays": b.arrays},
-                "down_residual": self.down_residual}
+        return {
+            "weights": self.weights,
+            "buffers": self.buffers,
+            "accountant": self.accountant.state_dict(),
+            "rounds": [
+                [
+                    r,
+                    {
+                        **vars(log_),
+                        "rejected": [list(x) for x in log_.rejected],
+                        "refused": [list(x) for x in log_.refused],
+                    },
+                ]
+                for r, log_ in self.rounds.items()
+            ],
+            "run_info": dict(self.run_info),
+            "broadcast": None if b is None else {"version": b.version, "arrays": b.arrays},
+            "down_residual": self.down_residual,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Load a `state_dict` into this strategy, freshly built from the checkpoint's config;
@@ -495,6 +525,7 @@ class FedcmdStrategy(Strategy):
 
 def read_round_log(state: Any) -> RoundLog:
     """A `RoundLog` from its checkpointed form (`FedcmdStrategy.state_dict`)."""
+
     def ids(key: str) -> list[int]:
         values = entry(state, key, list)
         if not all(type(v) is int for v in values):
@@ -503,10 +534,16 @@ def read_round_log(state: Any) -> RoundLog:
 
     def reasons(key: str) -> list[tuple[int, str]]:
         values = entry(state, key, list)
-        if not all(isinstance(v, list) and len(v) == 2 and type(v[0]) is int and isinstance(v[1], str)
-                   for v in values):
+        if not all(isinstance(v, list) and len(v) == 2 and type(v[0]) is int and isinstance(v[1], str) for v in values):
             raise CheckpointError(f"must be a list of [id, reason], got {shown(values)}", (key,))
         return [(v[0], v[1]) for v in values]
 
-    return RoundLog(ids("sampled"), ids("sent"), ids("accepted"), reasons("rejected"), reasons("refused"),
-                    entry(state, "train_loss", float), entry(state, "train_seconds", float))
+    return RoundLog(
+        ids("sampled"),
+        ids("sent"),
+        ids("accepted"),
+        reasons("rejected"),
+        reasons("refused"),
+        entry(state, "train_loss", float),
+        entry(state, "train_seconds", float),
+    )

@@ -76,18 +76,25 @@ class CMD(FedcmdStrategy):
         super().__init__(weights, buffers, config, accountant)
         n = self.weights.size
         self.n_modes = config["cmd-modes"]
-        self.online = OnlineCMD(n, self.n_modes, config["cmd-warmup"], n_samples=config["cmd-samples"],
-                                seed=config["seed"], tensor_sizes=task.layouts(config)[0].tensor_sizes)
-        self.schedule = EmbeddingSchedule(config["cmd-fraction"], config["cmd-every"],
-                                          of_remaining=config["cmd-of-remaining"])
+        self.online = OnlineCMD(
+            n,
+            self.n_modes,
+            config["cmd-warmup"],
+            n_samples=config["cmd-samples"],
+            seed=config["seed"],
+            tensor_sizes=task.layouts(config)[0].tensor_sizes,
+        )
+        self.schedule = EmbeddingSchedule(
+            config["cmd-fraction"], config["cmd-every"], of_remaining=config["cmd-of-remaining"]
+        )
         self.online.observe(self.weights)
         self.events: list[EmbeddingEvent] = []
         self.embedded = np.zeros(n, dtype=bool)
         self.reference_index = np.zeros(0, dtype=np.int64)
-        self.acked: dict[int, int] = {}            # partition id -> acknowledged store version
+        self.acked: dict[int, int] = {}  # partition id -> acknowledged store version
         self.sent: dict[tuple[int, int], int] = {}  # (round, partition) -> version sent
-        self.event_rounds: list[int] = []          # round after which each event happened
-        self.references_held = False               # set once embedding has stopped at the cap
+        self.event_rounds: list[int] = []  # round after which each event happened
+        self.references_held = False  # set once embedding has stopped at the cap
         self.paper_floats: dict[int, float] = {}
         self._refresh_layout()
 
@@ -113,8 +120,14 @@ class CMD(FedcmdStrategy):
         if server_round not in self.paper_floats:
             self._count_paper_floats(server_round)
         from_version = self.acked.get(partition_id, 0)
-        content = encode_events(self.events[from_version:], self.weights.size, from_version, self.version,
-                                self.reference_index, self.n_modes)
+        content = encode_events(
+            self.events[from_version:],
+            self.weights.size,
+            from_version,
+            self.version,
+            self.reference_index,
+            self.n_modes,
+        )
         content["cmd"]["hold-references"] = self.references_held
         head, broadcast = self.sync_head(server_round, partition_id)
         if head is not None:
@@ -130,8 +143,9 @@ class CMD(FedcmdStrategy):
     def parse_reply(self, server_round: int, partition_id: int, content: RecordDict) -> CMDUpdate:
         held = read_int(content["metrics"], "store-version")
         if held != self.sent[(server_round, partition_id)]:
-            raise ReplyError(f"client holds coefficient store version {held}, "
-                             f"expected {self.sent[(server_round, partition_id)]}")
+            raise ReplyError(
+                f"client holds coefficient store version {held}, expected {self.sent[(server_round, partition_id)]}"
+            )
         weights = self.read_values(content, "weights", self.weights[self.free_index])
         if not self.version and "references" in content:
             raise ReplyError("'references' sent before any weight was embedded")
@@ -186,15 +200,17 @@ class CMD(FedcmdStrategy):
         if not new.size:
             return
         new = np.sort(new)
-        event = EmbeddingEvent(new, np.asarray(self.online.a[new], dtype=np.float32),
-                               np.asarray(self.online.b[new], dtype=np.float32),
-                               np.asarray(self.online.modes[new]).astype(mode_dtype(self.n_modes)))
+        event = EmbeddingEvent(
+            new,
+            np.asarray(self.online.a[new], dtype=np.float32),
+            np.asarray(self.online.b[new], dtype=np.float32),
+            np.asarray(self.online.modes[new]).astype(mode_dtype(self.n_modes)),
+        )
         self.events.append(event)
         self.event_rounds.append(server_round)
         self.embedded[new] = True
         self._refresh_layout()
-        rebuild_embedded(self.weights, self.embedded_index, self.emb_a, self.emb_b, self.emb_mode,
-                         self.reference_index)
+        rebuild_embedded(self.weights, self.embedded_index, self.emb_a, self.emb_b, self.emb_mode, self.reference_index)
 
     def _count_paper_floats(self, server_round: int) -> None:
         cohort = len(self.cohort(server_round))
@@ -206,15 +222,26 @@ class CMD(FedcmdStrategy):
         """The base's state, the online statistics and schedule, and the coefficient event log (each
         event's weights, coefficients and modes, concatenated, and the round after which it
         happened); the embedded mask, the reference indices and the layout are rebuilt from them."""
+
         def parts(name: str, dtype: type) -> np.ndarray:
             return np.concatenate([np.zeros(0, dtype), *(getattr(e, name) for e in self.events)])
 
-        events = {"sizes": np.array([e.index.size for e in self.events], dtype=np.int64),
-                  "index": parts("index", np.int64), "a": parts("a", np.float32), "b": parts("b", np.float32),
-                  "mode": parts("mode", mode_dtype(self.n_modes)), "rounds": list(self.event_rounds)}
-        return {**super().state_dict(), "online": self.online.state_dict(), "schedule": self.schedule.state_dict(),
-                "events": events, "references_held": self.references_held,
-                "paper_floats": [[r, v] for r, v in self.paper_floats.items()]}
+        events = {
+            "sizes": np.array([e.index.size for e in self.events], dtype=np.int64),
+            "index": parts("index", np.int64),
+            "a": parts("a", np.float32),
+            "b": parts("b", np.float32),
+            "mode": parts("mode", mode_dtype(self.n_modes)),
+            "rounds": list(self.event_rounds),
+        }
+        return {
+            **super().state_dict(),
+            "online": self.online.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "events": events,
+            "references_held": self.references_held,
+            "paper_floats": [[r, v] for r, v in self.paper_floats.items()],
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
@@ -224,10 +251,12 @@ class CMD(FedcmdStrategy):
             self.reference_index = np.asarray(self.online.reference_index, dtype=np.int64)
         load_part(state, "events", self._load_events)
         schedule_mask = state["schedule"]["embedded_mask"]
-        if (self.online.ready and not np.array_equal(self.online.frozen_mask, self.embedded)) or \
-                (schedule_mask.size and not np.array_equal(schedule_mask, self.embedded)):
-            raise CheckpointError("the events' weights are not the ones the online statistics and the schedule "
-                                  "froze", ("events",))
+        if (self.online.ready and not np.array_equal(self.online.frozen_mask, self.embedded)) or (
+            schedule_mask.size and not np.array_equal(schedule_mask, self.embedded)
+        ):
+            raise CheckpointError(
+                "the events' weights are not the ones the online statistics and the schedule froze", ("events",)
+            )
         self.references_held = entry(state, "references_held", bool)
         self.paper_floats = by_round(state, "paper_floats", float)
 
@@ -248,7 +277,7 @@ class CMD(FedcmdStrategy):
         embedded = np.zeros(n, dtype=bool)
         starts = np.cumsum(sizes) - sizes
         for start, size in zip(starts, sizes):
-            event = index[start:start + size]
+            event = index[start : start + size]
             if event.min() < 0 or event.max() >= n or (np.diff(event) <= 0).any():
                 raise CheckpointError(f"each event's weights must be ascending indices in [0, {n})", ("index",))
             embedded[event] = True
@@ -256,24 +285,34 @@ class CMD(FedcmdStrategy):
             raise CheckpointError("a weight is embedded twice, or a reference weight is embedded", ("index",))
         if total and int(mode.max()) >= modes:
             raise CheckpointError(f"modes must lie in [0, {modes})", ("mode",))
-        self.events = [EmbeddingEvent(index[i:i + k], a[i:i + k], b[i:i + k], mode[i:i + k])
-                       for i, k in zip(starts, sizes)]
+        self.events = [
+            EmbeddingEvent(index[i : i + k], a[i : i + k], b[i : i + k], mode[i : i + k]) for i, k in zip(starts, sizes)
+        ]
         self.event_rounds, self.embedded = list(rounds), embedded
         self._refresh_layout()
 
     # ----- reporting ---------------------------------------------------------------------------
     def round_metrics(self, server_round: int) -> dict[str, float]:
-        return {"embedded_fraction": float(self.embedded.mean()), "store_version": self.version,
-                "paper_floats": self.paper_floats.get(server_round, float("nan"))}
+        return {
+            "embedded_fraction": float(self.embedded.mean()),
+            "store_version": self.version,
+            "paper_floats": self.paper_floats.get(server_round, float("nan")),
+        }
 
     def summary_extra(self) -> dict[str, Any]:
         paper = float(sum(self.paper_floats.values()))
         # Eq. 16 counts weights only, so its reference is FedAvg's weights (no buffers).
         reference = fedavg_floats(self.weights.size, [len(self.rounds[r].sampled) for r in sorted(self.rounds)])
-        return {"paper_floats": paper, "paper_volume_ratio": paper / reference if reference else float("nan"),
-                "embedded_fraction": float(self.embedded.mean()), "embedding_events": self.version,
-                "cmd_modes": self.n_modes, "cmd_warmup": self.config["cmd-warmup"],
-                "cmd_every": self.config["cmd-every"], "cmd_fraction": self.config["cmd-fraction"],
-                "cmd_of_remaining": self.config["cmd-of-remaining"],
-                "cmd_max_embedded": self.config["cmd-max-embedded"],
-                "cmd_embedded_training": self.config["cmd-embedded-training"]}
+        return {
+            "paper_floats": paper,
+            "paper_volume_ratio": paper / reference if reference else float("nan"),
+            "embedded_fraction": float(self.embedded.mean()),
+            "embedding_events": self.version,
+            "cmd_modes": self.n_modes,
+            "cmd_warmup": self.config["cmd-warmup"],
+            "cmd_every": self.config["cmd-every"],
+            "cmd_fraction": self.config["cmd-fraction"],
+            "cmd_of_remaining": self.config["cmd-of-remaining"],
+            "cmd_max_embedded": self.config["cmd-max-embedded"],
+            "cmd_embedded_training": self.config["cmd-embedded-training"],
+        }

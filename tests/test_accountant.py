@@ -12,11 +12,16 @@ def identity():
 
 
 def message(n_weights: int, n_coeff: int = 0) -> Message:
-    content = RecordDict({"weights": ArrayRecord({"values": Array(np.ones(n_weights, np.float32))}),
-                          "config": ConfigRecord({"lr": 0.1, "dataset": "fashion-mnist"})})
+    content = RecordDict(
+        {
+            "weights": ArrayRecord({"values": Array(np.ones(n_weights, np.float32))}),
+            "config": ConfigRecord({"lr": 0.1, "dataset": "fashion-mnist"}),
+        }
+    )
     if n_coeff:
-        content["coefficients"] = ArrayRecord({"a": Array(np.ones(n_coeff, np.float32)),
-                                              "mode": Array(np.zeros(n_coeff, np.int16))})
+        content["coefficients"] = ArrayRecord(
+            {"a": Array(np.ones(n_coeff, np.float32)), "mode": Array(np.zeros(n_coeff, np.int16))}
+        )
     return Message(content, dst_node_id=7, message_type="train", group_id="1")
 
 
@@ -67,6 +72,7 @@ def test_rejects_unknown_category_and_direction():
 
 # --- the bytes booked are Flower's own serialisation of each message --------------------------------
 
+
 def flower_wire_bytes(obj) -> int:
     """What the accountant booked before it spared deflates (and what Flower pushes): every distinct
     object of the tree, deflated."""
@@ -80,9 +86,12 @@ def flower_rows(message: Message) -> dict[str, int]:
     """Bytes per category as the accountant booked them before: each array record on its own, the rest metadata."""
     rows = {}
     if message.has_content():
-        rows = {key: flower_wire_bytes(record) for key, record in message.content.items()
-                if key in ("weights", "buffers", "references", "coefficients", "indices", "masks")
-                and isinstance(record, ArrayRecord)}
+        rows = {
+            key: flower_wire_bytes(record)
+            for key, record in message.content.items()
+            if key in ("weights", "buffers", "references", "coefficients", "indices", "masks")
+            and isinstance(record, ArrayRecord)
+        }
     rows["metadata"] = flower_wire_bytes(message) - sum(rows.values())
     return rows
 
@@ -156,8 +165,13 @@ def real(rng) -> float:
 def config_value(rng):
     """One value of every type a ConfigRecord takes, or a list of them (empty lists too)."""
     listed = rng.random() < 0.4  # a list's ints are all int64 or all uint64: no negatives beside 2**64 - 1
-    kinds = [lambda: integer(rng, unsigned_max=not listed), lambda: real(rng), lambda: text(rng),
-             lambda: rng.bytes(int(rng.integers(0, 40))), lambda: bool(rng.integers(0, 2))]
+    kinds = [
+        lambda: integer(rng, unsigned_max=not listed),
+        lambda: real(rng),
+        lambda: text(rng),
+        lambda: rng.bytes(int(rng.integers(0, 40))),
+        lambda: bool(rng.integers(0, 2)),
+    ]
     kind = pick(rng, kinds)
     return [kind() for _ in range(int(rng.integers(0, 6)))] if listed else kind()
 
@@ -180,14 +194,21 @@ def array_record(rng) -> ArrayRecord:
     for _ in range(int(rng.integers(0, 4))):
         dtype = pick(rng, [np.float32, np.int16, np.int64, np.uint8])
         size = int(rng.integers(0, 120))
-        values = pick(rng, [np.zeros(size, dtype), np.tile(np.arange(16, dtype=dtype), size // 16 + 1)[:size],
-                            rng.integers(0, 100, size).astype(dtype)])
+        values = pick(
+            rng,
+            [
+                np.zeros(size, dtype),
+                np.tile(np.arange(16, dtype=dtype), size // 16 + 1)[:size],
+                rng.integers(0, 100, size).astype(dtype),
+            ],
+        )
         arrays[text(rng) or "a"] = Array(values.reshape(-1, 2) if size % 2 == 0 and rng.random() < 0.3 else values)
     return ArrayRecord(arrays)
 
 
 def content(rng, *, arrays: bool) -> RecordDict:
     """Random records under random names; some held twice, under two names, or as an equal copy."""
+
     def name(record) -> str:  # array records under the accountant's categories
         if isinstance(record, ArrayRecord):
             return pick(rng, ["weights", "buffers", "references", "coefficients", "indices", "masks"])
@@ -209,11 +230,14 @@ def content(rng, *, arrays: bool) -> RecordDict:
 
 def random_message(rng, *, arrays: bool = False) -> Message:
     """An instruction or a reply (with content or an error), metadata drawn across varint lengths."""
-    query = Message(content(rng, arrays=arrays), dst_node_id=abs(integer(rng)),
-                    message_type=pick(rng, ["query", "train", "evaluate", "query.discover", "train.fit"]),
-                    group_id=text(rng) if rng.random() < 0.8 else None,
-                    ttl=float(rng.uniform(1.0, 1e6)) if rng.random() < 0.5 else None,
-                    dst_task_id=abs(integer(rng)) if rng.random() < 0.3 else None)
+    query = Message(
+        content(rng, arrays=arrays),
+        dst_node_id=abs(integer(rng)),
+        message_type=pick(rng, ["query", "train", "evaluate", "query.discover", "train.fit"]),
+        group_id=text(rng) if rng.random() < 0.8 else None,
+        ttl=float(rng.uniform(1.0, 1e6)) if rng.random() < 0.5 else None,
+        dst_task_id=abs(integer(rng)) if rng.random() < 0.3 else None,
+    )
     query.metadata.__dict__["_message_id"] = text(rng, 40)  # blanked in the object (Message.deflate)
     if rng.random() < 0.4:
         return query
@@ -221,8 +245,11 @@ def random_message(rng, *, arrays: bool = False) -> Message:
         reason = text(rng, 60) if rng.random() < 0.8 else None
         reply = Message(Error(code=abs(integer(rng, unsigned_max=False)), reason=reason), reply_to=query)
     else:
-        reply = Message(content(rng, arrays=arrays), reply_to=query,
-                        ttl=float(rng.uniform(1.0, 1e3)) if rng.random() < 0.5 else None)
+        reply = Message(
+            content(rng, arrays=arrays),
+            reply_to=query,
+            ttl=float(rng.uniform(1.0, 1e3)) if rng.random() < 0.5 else None,
+        )
     reply.metadata.__dict__["_message_id"] = text(rng, 40)
     return reply
 
@@ -262,8 +289,9 @@ def test_equal_records_are_one_object_and_repeated_chunks_one_chunk(monkeypatch)
     monkeypatch.setattr("flwr.app.message.array.FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE", 64)
     config = ConfigRecord({"lr": 0.1, "names": ["a", "é"], "blob": b"\x00\x01"})
     alone = Message(RecordDict({"config": config}), dst_node_id=7, message_type="train")
-    twice = Message(RecordDict({"config": config, "again": ConfigRecord(dict(config))}),
-                    dst_node_id=7, message_type="train")
+    twice = Message(
+        RecordDict({"config": config, "again": ConfigRecord(dict(config))}), dst_node_id=7, message_type="train"
+    )
     # one object for Flower; the second name costs only its entry in the RecordDict
     assert len(twice.content.children) == 1
     assert wire_size(twice) == flower_wire_bytes(twice)
@@ -273,5 +301,8 @@ def test_equal_records_are_one_object_and_repeated_chunks_one_chunk(monkeypatch)
     assert len(zeros.slice_array()) == 18 and len(chunks) == 3
     msg = Message(RecordDict({"weights": ArrayRecord({"values": zeros})}), dst_node_id=7, message_type="train")
     assert booked(msg) == flower_rows(msg)
-    assert booked(msg)["weights"] == (len(msg.content["weights"].deflate()) + len(zeros.deflate())
-                                      + sum(len(chunk.deflate()) for chunk in chunks.values()))
+    assert booked(msg)["weights"] == (
+        len(msg.content["weights"].deflate())
+        + len(zeros.deflate())
+        + sum(len(chunk.deflate()) for chunk in chunks.values())
+    )

@@ -137,9 +137,7 @@ def test_threshold_halves_when_more_than_tighten_at_frozen():
 def test_tightened_threshold_decides_later_checks():
     # P ~ 0.005: stable against T = 0.05 but unstable once T has been halved below it.
     for threshold, expect_stable in ((0.05, True), (0.004, False)):
-        controller = crafted(
-            1, ema=[0.005], ema_abs=[1.0], period=[3], threshold=threshold, tighten_at=1.0
-        )
+        controller = crafted(1, ema=[0.005], ema_abs=[1.0], period=[3], threshold=threshold, tighten_at=1.0)
         controller.check(np.zeros(1))
         assert controller.state_dict()["freezing_period"][0] == (4 if expect_stable else 1)
 
@@ -202,9 +200,7 @@ def test_aggressive_only_touches_unstable_scalars():
 
 def test_random_freeze_lasts_random_freeze_periods():
     n = 1000
-    controller = FreezingController(
-        n, aggressive=True, rounds_per_check=1000, random_freeze_periods=3
-    )
+    controller = FreezingController(n, aggressive=True, rounds_per_check=1000, random_freeze_periods=3)
     first = controller.check(np.zeros(n)).copy()
     chosen = ~first
     assert 0 < chosen.sum() < n

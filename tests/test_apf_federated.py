@@ -6,7 +6,6 @@ state wiped, node restarted). Recorded on the client side where the rebuilt vect
 `train_locally`, and on the server side when the message is built.
 """
 
-
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
@@ -56,32 +55,52 @@ class LossyGrid(LocalGrid):
 
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)
-        pids = {m.metadata.dst_node_id: self.contexts[m.metadata.dst_node_id].node_config["partition-id"]
-                for m in messages if m.metadata.dst_node_id in self.contexts}
+        pids = {
+            m.metadata.dst_node_id: self.contexts[m.metadata.dst_node_id].node_config["partition-id"]
+            for m in messages
+            if m.metadata.dst_node_id in self.contexts
+        }
         replies = super().send_and_receive(messages, timeout=timeout)
-        return [r for r in replies if not (r.metadata.group_id.isdigit() and
-                                           (int(r.metadata.group_id), pids[r.metadata.src_node_id]) in self.lose_replies)]
+        return [
+            r
+            for r in replies
+            if not (
+                r.metadata.group_id.isdigit()
+                and (int(r.metadata.group_id), pids[r.metadata.src_node_id]) in self.lose_replies
+            )
+        ]
 
 
 # Without weight decay some weights never move on this data, so catch-ups list what changed
 # (`explicit`); with it every active weight moves and resending a client's own mask (`derived`) or
 # the whole model (`full`) is cheaper.
-@pytest.mark.parametrize("strategy, check_every, weight_decay, kinds", [
-    ("apf", 1, 0.0, ("full", "explicit")), ("a-apf", 2, 1e-3, ("full", "derived"))])
-def test_sampled_clients_hold_the_global_model_through_failures(small_config, tmp_path, recorder, strategy,
-                                                                check_every, weight_decay, kinds):
+@pytest.mark.parametrize(
+    "strategy, check_every, weight_decay, kinds",
+    [("apf", 1, 0.0, ("full", "explicit")), ("a-apf", 2, 1e-3, ("full", "derived"))],
+)
+def test_sampled_clients_hold_the_global_model_through_failures(
+    small_config, tmp_path, recorder, strategy, check_every, weight_decay, kinds
+):
     rounds, clients_ = 9, 10
-    config = dict(small_config, **{"strategy": strategy, "num-clients": clients_, "fraction-train": 0.4,
-                                   "num-server-rounds": rounds, "apf-check-every": check_every,
-                                   "apf-threshold": 0.5,  # a high T freezes many scalars within a few rounds
-                                   "weight-decay": weight_decay})
+    config = dict(
+        small_config,
+        **{
+            "strategy": strategy,
+            "num-clients": clients_,
+            "fraction-train": 0.4,
+            "num-server-rounds": rounds,
+            "apf-check-every": check_every,
+            "apf-threshold": 0.5,  # a high T freezes many scalars within a few rounds
+            "weight-decay": weight_decay,
+        },
+    )
     cohorts = {r: [int(p) for p in sample_cohort(clients_, 0.4, config["seed"], r)] for r in range(1, rounds + 1)}
     # Events on the cohorts of seed 0 (round: clients): 1: 0 1 3 4, 2: 0 2 7 8, 3: 4 5 8 9, 4: 4 5 7 9,
     # 5: 2 4 7 8, 6: 0 1 3 7, 7: 2 3 5 8, 8: 0 1 5 7, 9: 1 2 4 6.
     lost_message = {(2, 0), (5, 2)}  # never reaches the client
-    lost_reply = {(3, 8), (6, 3)}    # the client applied it and trained; the reply is lost
-    wiped = (4, 4)                   # same node, state gone (acknowledged in round 3): SyncError expected
-    restarted = (7, 5)               # the node comes back under a new id with an empty state
+    lost_reply = {(3, 8), (6, 3)}  # the client applied it and trained; the reply is lost
+    wiped = (4, 4)  # same node, state gone (acknowledged in round 3): SyncError expected
+    restarted = (7, 5)  # the node comes back under a new id with an empty state
     for server_round, pid in lost_message | lost_reply | {wiped, restarted}:
         assert pid in cohorts[server_round]
 
@@ -121,8 +140,13 @@ def test_sampled_clients_hold_the_global_model_through_failures(small_config, tm
     volume = read_csv(tmp_path / "volume.csv")
     for later, pid in ((5, 4), (8, 5)):
         assert (later, pid) in client
-        down = [r for r in volume if (int(r["round"]), int(r["client"])) == (later, pid)
-                and r["direction"] == "down" and r["category"] == "weights"]
+        down = [
+            r
+            for r in volume
+            if (int(r["round"]), int(r["client"])) == (later, pid)
+            and r["direction"] == "down"
+            and r["category"] == "weights"
+        ]
         assert [int(r["values"]) for r in down] == [N]
     assert np.isfinite(summary["final_accuracy"])
 
@@ -131,8 +155,16 @@ def test_only_active_values_travel_and_known_masks_are_left_out(small_config, tm
     # Full participation, a check every 2 rounds; weight decay moves every weight, so the values a
     # client needs are exactly those active in the previous round (the `derived` catch-up).
     rounds = 6
-    config = dict(small_config, **{"strategy": "apf", "num-server-rounds": rounds, "apf-check-every": 2,
-                                   "apf-threshold": 0.5, "weight-decay": 1e-3})
+    config = dict(
+        small_config,
+        **{
+            "strategy": "apf",
+            "num-server-rounds": rounds,
+            "apf-check-every": 2,
+            "apf-threshold": 0.5,
+            "weight-decay": 1e-3,
+        },
+    )
     summary = run_inprocess(config, tmp_path, progress=False)
     metrics = {int(m["round"]): m for m in read_csv(tmp_path / "metrics.csv")[1:]}
     active = {r: int(m["active_weights"]) for r, m in metrics.items()}

@@ -25,32 +25,52 @@ def test_a_module_in_a_new_subpackage_reaches_the_app(tmp_path):
     for name in ("pyproject.toml", ".gitignore"):
         shutil.copy2(PROJECT / name, project / name)
     sources = {
-        "fedcmd/__init__.py": "", "fedcmd/server_app.py": "app = None\n",
-        "fedcmd/protocol/__init__.py": "", "fedcmd/protocol/wire/messages.py": "KEYS = ()\n",  # no __init__: namespace
-        "strategies/__init__.py": "", "strategies/fedprox/strategy.py": "", "clients/fedprox/client.py": "",
+        "fedcmd/__init__.py": "",
+        "fedcmd/server_app.py": "app = None\n",
+        "fedcmd/protocol/__init__.py": "",
+        "fedcmd/protocol/wire/messages.py": "KEYS = ()\n",  # no __init__: namespace
+        "strategies/__init__.py": "",
+        "strategies/fedprox/strategy.py": "",
+        "clients/fedprox/client.py": "",
         "fedcmd/protocol/schema.json": "{}",  # data Flower ships (json, toml, md, yaml)
         # what Flower leaves out: tests, bytecode, files the repository ignores, other file types
-        "fedcmd/protocol/test_messages.py": "", "fedcmd/__pycache__/server.cpython-311.pyc": "",
-        "fedcmd/notes/draft.md": "", "fedcmd/run.log": "", "fedcmd/weights.bin": "",
+        "fedcmd/protocol/test_messages.py": "",
+        "fedcmd/__pycache__/server.cpython-311.pyc": "",
+        "fedcmd/notes/draft.md": "",
+        "fedcmd/run.log": "",
+        "fedcmd/weights.bin": "",
         # not a declared package
-        "experiments/sweep.py": "", "experiments/results/table.json": "{}", "tests/conftest.py": "",
+        "experiments/sweep.py": "",
+        "experiments/results/table.json": "{}",
+        "tests/conftest.py": "",
         "README.md": "# fedcmd\n",
     }
     for name, text in sources.items():
         (project / name).parent.mkdir(parents=True, exist_ok=True)
         (project / name).write_text(text)
     app = write_app(tmp_path / "app", project)
-    assert files_under(app) == {"pyproject.toml", "fedcmd/__init__.py", "fedcmd/server_app.py",
-                                "fedcmd/protocol/__init__.py", "fedcmd/protocol/wire/messages.py",
-                                "fedcmd/protocol/schema.json", "strategies/__init__.py",
-                                "strategies/fedprox/strategy.py", "clients/fedprox/client.py"}
+    assert files_under(app) == {
+        "pyproject.toml",
+        "fedcmd/__init__.py",
+        "fedcmd/server_app.py",
+        "fedcmd/protocol/__init__.py",
+        "fedcmd/protocol/wire/messages.py",
+        "fedcmd/protocol/schema.json",
+        "strategies/__init__.py",
+        "strategies/fedprox/strategy.py",
+        "clients/fedprox/client.py",
+    }
     assert (app / "fedcmd/protocol/wire/messages.py").read_text() == "KEYS = ()\n"
 
 
 def test_the_app_holds_every_tracked_module_and_every_config_key(tmp_path):
     app = write_app(tmp_path / "app")
-    tracked = subprocess.run(["git", "-C", str(PROJECT), "ls-files", "fedcmd", "strategies", "clients"],
-                             capture_output=True, text=True, check=True).stdout.split()
+    tracked = subprocess.run(
+        ["git", "-C", str(PROJECT), "ls-files", "fedcmd", "strategies", "clients"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     assert {name for name in tracked if name.endswith(".py")} <= files_under(app)
     pyproject = tomllib.loads((app / "pyproject.toml").read_text())
     assert pyproject["tool"]["flwr"]["app"]["config"].keys() == {*DEFAULTS, "out-dir"}

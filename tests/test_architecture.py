@@ -35,7 +35,9 @@ def imports_of(name: str) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             found.add(base)
             found.update(f"{base}.{alias.name}" for alias in node.names if module_file(f"{base}.{alias.name}"))
     return found
@@ -65,9 +67,11 @@ def test_the_client_side_imports_no_server_code():
 
 
 def test_a_client_process_loads_no_strategy_module():
-    code = ("import sys, fedcmd.client_app, clients.fedavg, clients.cmd, clients.apf; "
-            "print(sorted(m for m in sys.modules if m.startswith(('strategies', 'fedcmd.accountant', "
-            "'fedcmd.server'))))")
+    code = (
+        "import sys, fedcmd.client_app, clients.fedavg, clients.cmd, clients.apf; "
+        "print(sorted(m for m in sys.modules if m.startswith(('strategies', 'fedcmd.accountant', "
+        "'fedcmd.server'))))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

@@ -37,14 +37,18 @@ class Clients:
 
     def __init__(self, module, monkeypatch, damage):
         self.damage = damage  # (round, partition) -> how
-        self.replies = {}     # round -> [(partition, num examples, values before any damage)]
+        self.replies = {}  # round -> [(partition, num examples, values before any damage)]
         original = module.train
 
         def train(content, context, config, partition_id):
             reply = original(content, context, config, partition_id)
             self.replies.setdefault(config["server-round"], []).append(
-                (partition_id, reply["metrics"]["num-examples"],
-                 {k: reply[k]["values"].numpy().copy() for k in ("weights", "references") if k in reply}))
+                (
+                    partition_id,
+                    reply["metrics"]["num-examples"],
+                    {k: reply[k]["values"].numpy().copy() for k in ("weights", "references") if k in reply},
+                )
+            )
             how = self.damage.get((config["server-round"], partition_id))
             if how:
                 corrupt(reply, how)
@@ -95,17 +99,32 @@ def test_fedavg_rejects_bad_replies_and_averages_the_good_ones(small_config, tmp
     # The check can tell: with the damaged clients' values left undamaged, the mean is another model.
     assert not np.allclose(after[1], clients.mean(1, "weights", only_good=False), rtol=1e-6, atol=1e-7)
     # Rejected replies still count as traffic: every sampled client's reply is in the volume table.
-    up = {(r["round"], r["client"]) for r in read_csv(tmp_path / "volume.csv")
-          if r["direction"] == "up" and r["category"] == "weights"}
+    up = {
+        (r["round"], r["client"])
+        for r in read_csv(tmp_path / "volume.csv")
+        if r["direction"] == "up" and r["category"] == "weights"
+    }
     assert {("1", "1"), ("1", "2"), ("1", "4")} <= up
     assert np.isfinite(summary["final_accuracy"])
 
 
 @pytest.fixture
 def cmd_config(small_config):
-    return dict(small_config, **{"strategy": "cmd", "num-clients": 5, "num-server-rounds": 6, "local-epochs": 1,
-                                 "cmd-warmup": 2, "cmd-every": 1, "cmd-fraction": 0.2, "cmd-modes": 3,
-                                 "cmd-samples": 200, "synthetic-train-size": 500})
+    return dict(
+        small_config,
+        **{
+            "strategy": "cmd",
+            "num-clients": 5,
+            "num-server-rounds": 6,
+            "local-epochs": 1,
+            "cmd-warmup": 2,
+            "cmd-every": 1,
+            "cmd-fraction": 0.2,
+            "cmd-modes": 3,
+            "cmd-samples": 200,
+            "synthetic-train-size": 500,
+        },
+    )
 
 
 def test_cmd_rejects_bad_replies_and_the_clients_catch_up(cmd_config, tmp_path, monkeypatch, caplog):
@@ -119,8 +138,11 @@ def test_cmd_rejects_bad_replies_and_the_clients_catch_up(cmd_config, tmp_path, 
 
     def advance(self, server_round):
         # The aggregate before this round's embedding event changes the layout.
-        aggregated[server_round] = (self.weights[self.free_index].copy(), self.weights[self.reference_index].copy(),
-                                    self.version)
+        aggregated[server_round] = (
+            self.weights[self.free_index].copy(),
+            self.weights[self.reference_index].copy(),
+            self.version,
+        )
         return original_advance(self, server_round)
 
     original_configure = CMD.configure_train

@@ -50,16 +50,18 @@ def split_rediscovery(rows, first_round, num_nodes):
     (a query down and a reply up per node, metadata only), traffic the uninterrupted run did not have.
     """
     start = next(i for i, r in enumerate(rows) if int(r["round"]) == first_round)
-    extra = rows[start:start + 2 * num_nodes]
-    return rows[:start] + rows[start + 2 * num_nodes:], extra
+    extra = rows[start : start + 2 * num_nodes]
+    return rows[:start] + rows[start + 2 * num_nodes :], extra
 
 
 def assert_resumed_matches(resumed, whole, first_round, num_nodes):
     (m_res, v_res, rej_res), (m_whole, v_whole, rej_whole) = results(resumed), results(whole)
     rows, discovery = split_rediscovery(v_res, first_round, num_nodes)
     assert rows == v_whole  # every volume row of the run, to the byte
-    assert [(r["direction"], r["category"], r["values"]) for r in discovery] == \
-        [("down", "metadata", "0"), ("up", "metadata", "0")] * num_nodes
+    assert [(r["direction"], r["category"], r["values"]) for r in discovery] == [
+        ("down", "metadata", "0"),
+        ("up", "metadata", "0"),
+    ] * num_nodes
     assert rej_res == rej_whole
     extra_mb = sum(int(r["wire_bytes"]) for r in discovery) / 1e6
     for a, b in zip(m_res, m_whole):
@@ -123,8 +125,10 @@ def test_a_finished_run_extended_by_resume_matches_the_longer_run(config, tmp_pa
 
 def test_checkpoint_holds_the_run_without_stale_node_maps(config, tmp_path):
     run_inprocess(dict(config, **{"num-server-rounds": 2}), tmp_path, progress=False)
-    assert sorted(p.name for p in tmp_path.iterdir() if "checkpoint" in p.name) == [CHECKPOINT_NAME,
-                                                                                     "checkpoint.round-2.npz"]
+    assert sorted(p.name for p in tmp_path.iterdir() if "checkpoint" in p.name) == [
+        CHECKPOINT_NAME,
+        "checkpoint.round-2.npz",
+    ]
     ckpt = load_checkpoint(tmp_path, config)
     assert ckpt.server_round == 2 and [m["round"] for m in ckpt.metrics] == [0, 1, 2]
     assert ckpt.strategy.node_of == {} and ckpt.strategy.partition_of == {}
@@ -152,30 +156,46 @@ def test_cli_resume_reports_a_missing_checkpoint(tmp_path, capsys):
 
 def test_cmd_resumes_after_embedding_events_with_restarted_clients(small_config, tmp_path):
     """The resumed run's clients have empty coefficient stores: the server resends each one everything."""
-    config = dict(small_config, **{"strategy": "cmd", "num-server-rounds": 7, "cmd-warmup": 2, "cmd-every": 1,
-                                   "cmd-fraction": 0.2, "cmd-modes": 3, "cmd-samples": 200, "local-epochs": 1})
+    config = dict(
+        small_config,
+        **{
+            "strategy": "cmd",
+            "num-server-rounds": 7,
+            "cmd-warmup": 2,
+            "cmd-every": 1,
+            "cmd-fraction": 0.2,
+            "cmd-modes": 3,
+            "cmd-samples": 200,
+            "local-epochs": 1,
+        },
+    )
     whole = run_inprocess(config, tmp_path / "whole", progress=False)
     with pytest.raises(Crash):
         run_inprocess(config, tmp_path / "cut", progress=False, grid=crashing_grid(4, at_round=5))
     assert load_checkpoint(tmp_path / "cut", config).strategy.version >= 2
     cut = run_inprocess(config, tmp_path / "cut", progress=False, grid=fresh_grid(4), resume=True)
     assert cut["replies_rejected"] == 0  # no client refused a delta it could not apply
-    model_figures = lambda out: [{k: m[k] for k in ("accuracy", "loss", "train_loss", "accepted")}
-                                 for m in results(out)[0]]
+    model_figures = lambda out: [
+        {k: m[k] for k in ("accuracy", "loss", "train_loss", "accepted")} for m in results(out)[0]
+    ]
     assert model_figures(tmp_path / "cut") == model_figures(tmp_path / "whole")
     assert cut["final_accuracy"] == whole["final_accuracy"]
     assert cut["embedding_events"] == whole["embedding_events"]
     # Catching up costs coefficient bytes the uninterrupted run did not spend, in round 5 only.
-    coeff = lambda out, rnd: sum(int(r["values"]) for r in read_csv(out / "volume.csv")
-                                 if r["category"] == "coefficients" and int(r["round"]) == rnd)
+    coeff = lambda out, rnd: sum(
+        int(r["values"])
+        for r in read_csv(out / "volume.csv")
+        if r["category"] == "coefficients" and int(r["round"]) == rnd
+    )
     assert coeff(tmp_path / "cut", 5) > coeff(tmp_path / "whole", 5)
     assert coeff(tmp_path / "cut", 6) == coeff(tmp_path / "whole", 6)
 
 
 def test_aggressive_apf_resumes_with_restarted_clients(small_config, tmp_path):
     """A-APF's controller (with its random-freeze generator) comes back from the checkpoint as it was."""
-    config = dict(small_config, **{"strategy": "a-apf", "num-server-rounds": 7, "apf-threshold": 0.3,
-                                   "local-epochs": 1})
+    config = dict(
+        small_config, **{"strategy": "a-apf", "num-server-rounds": 7, "apf-threshold": 0.3, "local-epochs": 1}
+    )
     whole = run_inprocess(config, tmp_path / "whole", progress=False)
     with pytest.raises(Crash):
         run_inprocess(config, tmp_path / "cut", progress=False, grid=crashing_grid(4, at_round=5))
@@ -192,8 +212,19 @@ def small_run(tmp_path_factory, **keys):
     """A checkpointed 3-round run (the last round's checkpoint), small enough to build once per module."""
     from fedcmd.config import resolve
 
-    config = resolve({"dataset": "synthetic", "synthetic-train-size": 200, "synthetic-test-size": 50, "model": "mlp",
-                      "num-clients": 2, "num-server-rounds": 3, "local-epochs": 1, "batch-size": 16, **keys})
+    config = resolve(
+        {
+            "dataset": "synthetic",
+            "synthetic-train-size": 200,
+            "synthetic-test-size": 50,
+            "model": "mlp",
+            "num-clients": 2,
+            "num-server-rounds": 3,
+            "local-epochs": 1,
+            "batch-size": 16,
+            **keys,
+        }
+    )
     out = tmp_path_factory.mktemp(keys["strategy"])
     run_inprocess(config, out, progress=False)
     return config, out
@@ -202,8 +233,18 @@ def small_run(tmp_path_factory, **keys):
 @pytest.fixture(scope="module")
 def cmd_run(tmp_path_factory):
     # events from round 1 on, and a lossy downlink: a broadcast in the checkpoint
-    return small_run(tmp_path_factory, strategy="cmd", **{"cmd-warmup": 1, "cmd-every": 1, "cmd-fraction": 0.2,
-                                                           "cmd-modes": 2, "cmd-samples": 100, "codec-down": "int8"})
+    return small_run(
+        tmp_path_factory,
+        strategy="cmd",
+        **{
+            "cmd-warmup": 1,
+            "cmd-every": 1,
+            "cmd-fraction": 0.2,
+            "cmd-modes": 2,
+            "cmd-samples": 100,
+            "codec-down": "int8",
+        },
+    )
 
 
 @pytest.fixture(scope="module")
@@ -269,29 +310,53 @@ def delete(*keys):
         for key in keys[:-1]:
             tree = tree[key]
         del tree[keys[-1]]
+
     return edit
 
 
-@pytest.mark.parametrize("edit_json, edit_arrays, says", [
-    (None, shorten("strategy/weights"), r"strategy\.weights: has shape \(\d+,\), expected \(\d+,\)"),
-    (None, lambda a: a.update({"strategy/events/a": a["strategy/events/a"].astype(np.float64)}),
-     r"strategy\.events\.a: must be float32, got float64"),
-    (None, lambda a: a.update({"strategy/online/a": np.zeros(3)}), r"strategy\.online: state\['a'\] has shape \(3,\)"),
-    (None, lambda a: a["strategy/events/index"].__setitem__(0, 10**6),
-     r"strategy\.events\.index: each event's weights must be ascending indices in \[0, \d+\)"),
-    (None, lambda a: a["strategy/accountant/direction"].__setitem__(0, "side"),
-     r"strategy\.accountant\.direction: unknown values \['side'\]"),
-    (None, delete("strategy/events/mode"), "refers to an array 'strategy/events/mode' that the array file does not hold"),
-    (None, lambda a: a.update({"checkpoint-token": np.array("0" * 32)}), "their tokens differ"),
-    (lambda d: d.update(format=3), None, r"is not a fedcmd checkpoint of format 2 \(its format is 3\)"),
-    (delete("strategy", "rounds"), None, r"strategy\.rounds: missing"),
-    (delete("strategy", "online", "n_observed"), None, r"strategy\.online: state is missing \['n_observed'\]"),
-    (delete("rng"), None, r"damaged: rng: missing"),
-    (lambda d: d["strategy"].update(rounds=d["strategy"]["rounds"][:-1]), None,
-     r"strategy\.rounds: logs rounds \[1, 2\]\.\.\., expected 1\.\.3"),
-    (lambda d: d.update(fedcmd_strategy="fedavg"), None, "holds a 'fedavg' strategy, the config builds 'cmd'"),
-    (lambda d: d.update(arrays="../elsewhere.npz"), None, r"arrays: must name a file checkpoint\.round-<r>\.npz"),
-])
+@pytest.mark.parametrize(
+    "edit_json, edit_arrays, says",
+    [
+        (None, shorten("strategy/weights"), r"strategy\.weights: has shape \(\d+,\), expected \(\d+,\)"),
+        (
+            None,
+            lambda a: a.update({"strategy/events/a": a["strategy/events/a"].astype(np.float64)}),
+            r"strategy\.events\.a: must be float32, got float64",
+        ),
+        (
+            None,
+            lambda a: a.update({"strategy/online/a": np.zeros(3)}),
+            r"strategy\.online: state\['a'\] has shape \(3,\)",
+        ),
+        (
+            None,
+            lambda a: a["strategy/events/index"].__setitem__(0, 10**6),
+            r"strategy\.events\.index: each event's weights must be ascending indices in \[0, \d+\)",
+        ),
+        (
+            None,
+            lambda a: a["strategy/accountant/direction"].__setitem__(0, "side"),
+            r"strategy\.accountant\.direction: unknown values \['side'\]",
+        ),
+        (
+            None,
+            delete("strategy/events/mode"),
+            "refers to an array 'strategy/events/mode' that the array file does not hold",
+        ),
+        (None, lambda a: a.update({"checkpoint-token": np.array("0" * 32)}), "their tokens differ"),
+        (lambda d: d.update(format=3), None, r"is not a fedcmd checkpoint of format 2 \(its format is 3\)"),
+        (delete("strategy", "rounds"), None, r"strategy\.rounds: missing"),
+        (delete("strategy", "online", "n_observed"), None, r"strategy\.online: state is missing \['n_observed'\]"),
+        (delete("rng"), None, r"damaged: rng: missing"),
+        (
+            lambda d: d["strategy"].update(rounds=d["strategy"]["rounds"][:-1]),
+            None,
+            r"strategy\.rounds: logs rounds \[1, 2\]\.\.\., expected 1\.\.3",
+        ),
+        (lambda d: d.update(fedcmd_strategy="fedavg"), None, "holds a 'fedavg' strategy, the config builds 'cmd'"),
+        (lambda d: d.update(arrays="../elsewhere.npz"), None, r"arrays: must name a file checkpoint\.round-<r>\.npz"),
+    ],
+)
 def test_a_tampered_checkpoint_is_refused_naming_the_problem(cmd_run, tmp_path, edit_json, edit_arrays, says):
     config, _ = cmd_run
     folder = tampered(cmd_run, tmp_path / "copy", edit_json, edit_arrays)

@@ -17,9 +17,11 @@ def profiles(n_modes: int, n_snapshots: int, rng: np.random.Generator) -> np.nda
     t = np.linspace(0.0, 1.0, n_snapshots)
     rows = []
     for _ in range(n_modes):
-        p = (rng.normal() * np.exp(-t / rng.uniform(0.05, 1.0))
-             + 0.5 * rng.normal() * np.sin(2 * np.pi * rng.uniform(0.3, 2.0) * t + rng.uniform(0, 6))
-             + 0.3 * np.cumsum(rng.normal(size=n_snapshots)) / np.sqrt(n_snapshots))
+        p = (
+            rng.normal() * np.exp(-t / rng.uniform(0.05, 1.0))
+            + 0.5 * rng.normal() * np.sin(2 * np.pi * rng.uniform(0.3, 2.0) * t + rng.uniform(0, 6))
+            + 0.3 * np.cumsum(rng.normal(size=n_snapshots)) / np.sqrt(n_snapshots)
+        )
         rows.append((p - p.mean()) / p.std())
     return np.array(rows)
 
@@ -146,16 +148,26 @@ def test_distance_threshold_rule():
     assert model.n_modes == 4 and agreement(true_modes, model.modes) >= 0.99
     assert fit_cmd(w, None, n_samples=400, distance_threshold=0.9).n_modes == 1
     # cophenetic distance 1 - |corr|: ~0.001 within a mode, >= 0.07 between modes
-    tree = fit_cmd(w, None, n_samples=400, distance_threshold=0.03, clustering="hierarchical",
-                   linkage="average", features="correlation")
+    tree = fit_cmd(
+        w,
+        None,
+        n_samples=400,
+        distance_threshold=0.03,
+        clustering="hierarchical",
+        linkage="average",
+        features="correlation",
+    )
     assert tree.n_modes == 4 and agreement(true_modes, tree.modes) >= 0.99
 
 
 def test_chunked_assignment_and_torch_input_give_the_same_model():
     w, _, _, _ = plant(1000, 4, 9, 0.05, seed=6)
     whole = fit_cmd(w, 4, n_samples=300)
-    for other in (fit_cmd(w, 4, n_samples=300, chunk_size=7), fit_cmd(torch.from_numpy(w), 4, n_samples=300),
-                  fit_cmd(np.asfortranarray(w), 4, n_samples=300)):
+    for other in (
+        fit_cmd(w, 4, n_samples=300, chunk_size=7),
+        fit_cmd(torch.from_numpy(w), 4, n_samples=300),
+        fit_cmd(np.asfortranarray(w), 4, n_samples=300),
+    ):
         np.testing.assert_array_equal(other.modes, whole.modes)
         np.testing.assert_array_equal(other.reference_index, whole.reference_index)
         np.testing.assert_allclose(other.a, whole.a, rtol=1e-12, atol=1e-15)
@@ -194,17 +206,20 @@ def test_non_finite_input_is_named():
         online.observe(theta)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(n_modes=0), "n_modes must be an integer >= 1"),
-    (dict(n_modes=2, distance_threshold=0.1), "exactly one of n_modes and distance_threshold"),
-    (dict(n_modes=None), "exactly one of n_modes and distance_threshold"),
-    (dict(n_modes=2, clustering="kmeans"), "clustering must be one of"),
-    (dict(n_modes=2, linkage="average"), "linkage and features apply to clustering='hierarchical'"),
-    (dict(n_modes=2, clustering="hierarchical", features="cosine"), "features must be one of"),
-    (dict(n_modes=None, distance_threshold=1.0), r"distance_threshold must be in \[0, 1.0\)"),
-    (dict(n_modes=2, n_samples=0), "n_samples must be an integer >= 1"),
-    (dict(n_modes=2, tensor_sizes=[10, 10]), "tensor_sizes sum to 20, but there are 50 weights"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(n_modes=0), "n_modes must be an integer >= 1"),
+        (dict(n_modes=2, distance_threshold=0.1), "exactly one of n_modes and distance_threshold"),
+        (dict(n_modes=None), "exactly one of n_modes and distance_threshold"),
+        (dict(n_modes=2, clustering="kmeans"), "clustering must be one of"),
+        (dict(n_modes=2, linkage="average"), "linkage and features apply to clustering='hierarchical'"),
+        (dict(n_modes=2, clustering="hierarchical", features="cosine"), "features must be one of"),
+        (dict(n_modes=None, distance_threshold=1.0), r"distance_threshold must be in \[0, 1.0\)"),
+        (dict(n_modes=2, n_samples=0), "n_samples must be an integer >= 1"),
+        (dict(n_modes=2, tensor_sizes=[10, 10]), "tensor_sizes sum to 20, but there are 50 weights"),
+    ],
+)
 def test_bad_arguments_are_named(kwargs, message):
     w, _, _, _ = plant(50, 2, 5, 0.1, seed=8)
     with pytest.raises(ValueError, match=message):
@@ -404,11 +419,20 @@ def test_cmd_callback_embeds_and_evaluates_without_changing_training_weights():
         seen.append(epoch)
         if callback.embedded_index.size:
             theta = callback.layout.flatten(model)
-            np.testing.assert_allclose(theta[callback.embedded_index],
-                                       callback.online.model_weights(theta, callback.embedded_index), rtol=1e-6)
+            np.testing.assert_allclose(
+                theta[callback.embedded_index], callback.online.model_weights(theta, callback.embedded_index), rtol=1e-6
+            )
 
-    train_with_callbacks(model, x, y, epochs=5, batch_size=16, lr=0.1, seed=0,
-                         callbacks=[callback, type("Check", (), {"on_epoch_end": staticmethod(check)})()])
+    train_with_callbacks(
+        model,
+        x,
+        y,
+        epochs=5,
+        batch_size=16,
+        lr=0.1,
+        seed=0,
+        callbacks=[callback, type("Check", (), {"on_epoch_end": staticmethod(check)})()],
+    )
     assert seen == [1, 2, 3, 4, 5] and callback.online.n_observed == 6
     assert callback.embedded_fraction == pytest.approx(3 * round(0.2 * callback.layout.numel) / callback.layout.numel)
     before = callback.layout.flatten(model)

@@ -14,10 +14,22 @@ from fedcmd.protocols.cmd import EmbeddingEvent, decode_events, encode_events
 
 @pytest.fixture
 def cmd_config(small_config):
-    return dict(small_config, **{"strategy": "cmd", "num-clients": 10, "fraction-train": 0.4,
-                                 "num-server-rounds": 10, "cmd-warmup": 3, "cmd-every": 1,
-                                 "cmd-fraction": 0.2, "cmd-modes": 4, "cmd-samples": 300,
-                                 "synthetic-train-size": 1000, "local-epochs": 1})
+    return dict(
+        small_config,
+        **{
+            "strategy": "cmd",
+            "num-clients": 10,
+            "fraction-train": 0.4,
+            "num-server-rounds": 10,
+            "cmd-warmup": 3,
+            "cmd-every": 1,
+            "cmd-fraction": 0.2,
+            "cmd-modes": 4,
+            "cmd-samples": 300,
+            "synthetic-train-size": 1000,
+            "local-epochs": 1,
+        },
+    )
 
 
 class Recorder:
@@ -113,8 +125,12 @@ def test_restarted_client_refuses_a_gap_then_catches_up(cmd_config, tmp_path, mo
 
 def event(index, n_modes=3):
     index = np.asarray(index, dtype=np.int64)
-    return EmbeddingEvent(index, np.linspace(0.5, 1.5, index.size).astype(np.float32),
-                          np.arange(index.size, dtype=np.float32), (index % n_modes).astype(np.uint8))
+    return EmbeddingEvent(
+        index,
+        np.linspace(0.5, 1.5, index.size).astype(np.float32),
+        np.arange(index.size, dtype=np.float32),
+        (index % n_modes).astype(np.uint8),
+    )
 
 
 def test_store_applies_continuations_skips_repeats_and_refuses_gaps():
@@ -148,9 +164,19 @@ def test_events_travel_as_masks_or_indices_whichever_is_smaller():
 def test_cifar10_resnet18_cmd_config_runs_one_round_on_cifar_shaped_data(tmp_path):
     from fedcmd.config import load_config
 
-    config = load_config("experiments/cifar10_resnet18_cmd.toml", [
-        "dataset=synthetic", "synthetic-shape=3x32x32", "synthetic-train-size=64", "synthetic-test-size=32",
-        "num-clients=2", "num-server-rounds=1", "batch-size=32", "cmd-samples=200"])
+    config = load_config(
+        "experiments/cifar10_resnet18_cmd.toml",
+        [
+            "dataset=synthetic",
+            "synthetic-shape=3x32x32",
+            "synthetic-train-size=64",
+            "synthetic-test-size=32",
+            "num-clients=2",
+            "num-server-rounds=1",
+            "batch-size=32",
+            "cmd-samples=200",
+        ],
+    )
     assert config["model"] == "resnet18" and config["strategy"] == "cmd"
     summary = run_inprocess(config, tmp_path, progress=False)
     assert summary["num_parameters"] == 11_173_962 and summary["num_buffer_values"] > 0
@@ -165,8 +191,11 @@ def test_references_are_held_once_embedding_stops_at_the_cap(cmd_config, tmp_pat
     with open(tmp_path / "metrics.csv") as fh:
         fractions = {int(r["round"]): float(r["embedded_fraction"]) for r in csv.DictReader(fh) if r["round"] != "0"}
     capped = min(r for r, f in fractions.items() if f >= 0.5)
-    refs = next(CoefficientStore.load(c, summary["num_parameters"]).reference_index
-                for c in grid.contexts.values() if c.state.get(cmd_client.STORE_KEY) is not None)
+    refs = next(
+        CoefficientStore.load(c, summary["num_parameters"]).reference_index
+        for c in grid.contexts.values()
+        if c.state.get(cmd_client.STORE_KEY) is not None
+    )
     later = [rec.server[r][refs] for r in sorted(rec.server) if r > capped + 1]
     assert len(later) >= 2 and all(np.array_equal(v, later[0]) for v in later)
     # embedded weights follow the held references, so they are constant too; free weights still train

@@ -37,33 +37,37 @@ def test_roundtrip_shapes_and_describe(name, n):
 
 
 def test_fp16_is_the_exact_cast():
-    x = np.concatenate([vector(5000, scale=100.0), vector(5000, scale=1e-6), [0.0, -0.0, 65504.0, 65519.0]]).astype(np.float32)
+    x = np.concatenate([vector(5000, scale=100.0), vector(5000, scale=1e-6), [0.0, -0.0, 65504.0, 65519.0]]).astype(
+        np.float32
+    )
     arrays = Codec("fp16").encode(x)
     assert arrays["fp16"].dtype == np.float16
     assert np.array_equal(arrays["fp16"].view(np.uint16), x.astype(np.float16).view(np.uint16))
     decoded = Codec("fp16").decode(arrays, x.size)
     assert np.array_equal(decoded, x.astype(np.float16).astype(np.float32))
-    normal = np.abs(x) >= 2.0 ** -14
-    assert (np.abs(decoded - x)[normal] <= 2.0 ** -11 * np.abs(x)[normal]).all()
+    normal = np.abs(x) >= 2.0**-14
+    assert (np.abs(decoded - x)[normal] <= 2.0**-11 * np.abs(x)[normal]).all()
     with pytest.raises(ValueError, match="fp16"):
         Codec("fp16").encode(np.array([65520.0], np.float32))  # would round to inf
 
 
 def test_bf16_rounds_to_nearest_even_like_torch():
     rng = np.random.default_rng(1)
-    bits = rng.integers(0, 2 ** 32, 200_000, dtype=np.uint64).astype(np.uint32)
+    bits = rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32)
     x = bits.view(np.float32)
     x = x[np.isfinite(x) & (np.abs(x) < 3.3e38)]
     # Ties (low 16 bits exactly 0x8000) and their neighbours, around both parities of bit 16.
     ties = (np.arange(64, dtype=np.uint32) << 16) + np.uint32(0x3F800000)
-    x = np.concatenate([x, *((ties + d).view(np.float32) for d in (0x7FFF, 0x8000, 0x8001)), [0.0, -0.0, 1e-40]]).astype(np.float32)
+    x = np.concatenate(
+        [x, *((ties + d).view(np.float32) for d in (0x7FFF, 0x8000, 0x8001)), [0.0, -0.0, 1e-40]]
+    ).astype(np.float32)
     arrays = Codec("bf16").encode(x)
     reference = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     assert arrays["bf16"].dtype == np.uint16 and np.array_equal(arrays["bf16"], reference)
     decoded = Codec("bf16").decode(arrays, x.size)
     assert np.array_equal(decoded, torch.from_numpy(x).to(torch.bfloat16).float().numpy())
     normal = np.abs(x) >= np.finfo(np.float32).tiny
-    assert (np.abs(decoded - x)[normal] <= 2.0 ** -8 * np.abs(x)[normal]).all()
+    assert (np.abs(decoded - x)[normal] <= 2.0**-8 * np.abs(x)[normal]).all()
 
 
 @pytest.mark.parametrize("n, chunk", [(1000, 1024), (5000, 1024), (4096, 1024), (333, 7), (10, 1)])
@@ -128,7 +132,7 @@ def test_topk_sample_fallback_on_periodic_input():
     x[::32] = 5.0
     x[5] = 4.0
     decoded = Codec("topk", fraction=0.05).decode(Codec("topk", fraction=0.05).encode(x), x.size)
-    expected = np.sort(np.argsort(-np.abs(x), kind="stable")[:math.ceil(0.05 * x.size)])
+    expected = np.sort(np.argsort(-np.abs(x), kind="stable")[: math.ceil(0.05 * x.size)])
     assert np.array_equal(np.flatnonzero(decoded), expected)
 
 
@@ -162,7 +166,7 @@ def test_topk_both_index_encodings_roundtrip(n):
 
 
 def test_varints():
-    values = np.array([0, 1, 127, 128, 300, 16383, 16384, 2 ** 35 + 5, 2 ** 63 - 1], np.int64)
+    values = np.array([0, 1, 127, 128, 300, 16383, 16384, 2**35 + 5, 2**63 - 1], np.int64)
     stream = _varint_encode(values)
     assert stream[:3].tolist() == [0, 1, 127] and stream[3:5].tolist() == [0x80, 0x01]
     assert len(stream) == 1 + 1 + 1 + 2 + 2 + 2 + 3 + 6 + 9
@@ -177,13 +181,13 @@ def test_error_feedback_conserves_the_updates(name):
     residual = np.zeros(1000, np.float32)
     sent, total = np.zeros(1000), np.zeros(1000)
     for step in range(10):
-        update = vector(1000, seed=step, scale=10.0 ** -step % 7)
+        update = vector(1000, seed=step, scale=10.0**-step % 7)
         arrays, decoded, new_residual = with_error_feedback(codec, update, residual, rng)
         u = update + residual
         assert np.array_equal(new_residual, u - decoded)
         assert np.array_equal(decoded, codec.decode(arrays, u.size))
         if name == "int8":  # q * scale and x differ in scale, so u - decoded is rounded
-            assert np.allclose(decoded + new_residual, u, rtol=0, atol=np.abs(u).max() * 2.0 ** -23)
+            assert np.allclose(decoded + new_residual, u, rtol=0, atol=np.abs(u).max() * 2.0**-23)
         else:
             assert np.array_equal(decoded + new_residual, u)
         sent += decoded
@@ -197,15 +201,28 @@ def test_error_feedback_conserves_the_updates(name):
 def test_encode_rejects_bad_input():
     for name in CODECS:
         codec = Codec(name)
-        for bad in (np.array([1.0, np.nan], np.float32), np.array([np.inf], np.float32),
-                    np.zeros(3, np.float64), np.zeros((2, 2), np.float32), [1.0]):
+        for bad in (
+            np.array([1.0, np.nan], np.float32),
+            np.array([np.inf], np.float32),
+            np.zeros(3, np.float64),
+            np.zeros((2, 2), np.float32),
+            [1.0],
+        ):
             with pytest.raises(ValueError):
                 codec.encode(bad, np.random.default_rng(0))
 
 
-@pytest.mark.parametrize("field, kwargs", [("name", {"name": "gzip"}), ("chunk", {"chunk": 0}),
-                                           ("chunk", {"chunk": 1.5}), ("fraction", {"fraction": 0.0}),
-                                           ("fraction", {"fraction": 1.5}), ("fraction", {"fraction": math.nan})])
+@pytest.mark.parametrize(
+    "field, kwargs",
+    [
+        ("name", {"name": "gzip"}),
+        ("chunk", {"chunk": 0}),
+        ("chunk", {"chunk": 1.5}),
+        ("fraction", {"fraction": 0.0}),
+        ("fraction", {"fraction": 1.5}),
+        ("fraction", {"fraction": math.nan}),
+    ],
+)
 def test_config_is_validated(field, kwargs):
     with pytest.raises(ValueError, match=field):
         Codec(**kwargs)
@@ -230,6 +247,7 @@ def _set(index, value):
     def change(a):
         a[index] = value
         return a
+
     return change
 
 

@@ -8,7 +8,6 @@
 - Bad encoded replies are rejected, and the global model is the one of the run without them.
 """
 
-
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord
@@ -23,15 +22,32 @@ from strategies.apf import APF, AggressiveAPF
 from strategies.cmd import CMD
 from strategies.fedavg import FedAvg
 
-CLIENTS = {"fedavg": (clients.fedavg, FedAvg), "cmd": (clients.cmd, CMD), "apf": (clients.apf, APF),
-           "a-apf": (clients.apf, AggressiveAPF)}
+CLIENTS = {
+    "fedavg": (clients.fedavg, FedAvg),
+    "cmd": (clients.cmd, CMD),
+    "apf": (clients.apf, APF),
+    "a-apf": (clients.apf, AggressiveAPF),
+}
 
 
 @pytest.fixture
 def codec_config(small_config):
-    return dict(small_config, **{"num-clients": 6, "fraction-train": 0.5, "num-server-rounds": 6, "local-epochs": 1,
-                                 "cmd-warmup": 2, "cmd-every": 1, "cmd-fraction": 0.3, "cmd-samples": 300,
-                                 "apf-threshold": 0.3, "codec-chunk": 256, "topk-fraction": 0.05})
+    return dict(
+        small_config,
+        **{
+            "num-clients": 6,
+            "fraction-train": 0.5,
+            "num-server-rounds": 6,
+            "local-epochs": 1,
+            "cmd-warmup": 2,
+            "cmd-every": 1,
+            "cmd-fraction": 0.3,
+            "cmd-samples": 300,
+            "apf-threshold": 0.3,
+            "codec-chunk": 256,
+            "topk-fraction": 0.05,
+        },
+    )
 
 
 class Recorder:
@@ -84,8 +100,9 @@ def test_clients_train_from_exactly_the_servers_model(codec_config, tmp_path, mo
 
 
 def test_topk_keeps_the_k_largest_changes_and_feeds_back_the_rest(codec_config, tmp_path):
-    config = dict(codec_config, **{"strategy": "fedavg", "fraction-train": 1.0, "codec-up": "topk",
-                                   "num-server-rounds": 3})
+    config = dict(
+        codec_config, **{"strategy": "fedavg", "fraction-train": 1.0, "codec-up": "topk", "num-server-rounds": 3}
+    )
     grid = LocalGrid(client_app, 6)
     run_inprocess(config, tmp_path, progress=False, grid=grid)
     for context in grid.contexts.values():
@@ -101,8 +118,9 @@ def test_resume_with_codecs_matches_the_uninterrupted_run(codec_config, tmp_path
     from tests.test_checkpoint import crashing_grid, fresh_grid
 
     for codec in ("int8", "topk"):
-        config = dict(codec_config, **{"strategy": "cmd", "fraction-train": 1.0, "codec-up": codec,
-                                       "codec-down": codec})
+        config = dict(
+            codec_config, **{"strategy": "cmd", "fraction-train": 1.0, "codec-up": codec, "codec-down": codec}
+        )
         whole = run_inprocess(config, tmp_path / f"whole-{codec}", progress=False)
         with pytest.raises(RuntimeError):
             run_inprocess(config, tmp_path / f"cut-{codec}", progress=False, grid=crashing_grid(6, at_round=4))
@@ -121,11 +139,16 @@ class Tamper:
 
         def app(message, context):
             reply = original(message, context)
-            if (context.node_config["partition-id"] == 1 and message.metadata.message_type == "train"
-                    and message.metadata.group_id in ("2", "3") and not reply.has_error()):
+            if (
+                context.node_config["partition-id"] == 1
+                and message.metadata.message_type == "train"
+                and message.metadata.group_id in ("2", "3")
+                and not reply.has_error()
+            ):
                 arrays = {k: v.numpy() for k, v in reply.content["weights"].items()}
-                reply.content["weights"] = ArrayRecord({k: Array(np.ascontiguousarray(v))
-                                                        for k, v in self.how(arrays).items()})
+                reply.content["weights"] = ArrayRecord(
+                    {k: Array(np.ascontiguousarray(v)) for k, v in self.how(arrays).items()}
+                )
             return reply
 
         grid.client_app = app
@@ -146,7 +169,10 @@ BAD_INT8 = {
     "huge scale": _set("scales", lambda s: np.full_like(s, 3e38)),
 }
 BAD_TOPK = {
-    "index out of range": lambda a: {"topk-values": a["topk-values"], "topk-gaps": np.full(a["topk-gaps"].size, 255, np.uint8)},
+    "index out of range": lambda a: {
+        "topk-values": a["topk-values"],
+        "topk-gaps": np.full(a["topk-gaps"].size, 255, np.uint8),
+    },
     "values of the wrong dtype": lambda a: {**a, "topk-values": a["topk-values"].astype(np.float16)},
     "inf value": lambda a: {**a, "topk-values": np.full_like(a["topk-values"], np.inf)},
     "one value too few": lambda a: {**a, "topk-values": a["topk-values"][:-1]},
@@ -155,8 +181,10 @@ BAD_TOPK = {
 
 @pytest.mark.parametrize("codec,how", [("int8", h) for h in BAD_INT8] + [("topk", h) for h in BAD_TOPK])
 def test_bad_encoded_replies_are_rejected_with_the_model_untouched(codec_config, tmp_path, codec, how):
-    config = dict(codec_config, **{"strategy": "fedavg", "fraction-train": 1.0, "num-server-rounds": 3,
-                                   "codec-up": codec, "codec-down": codec})
+    config = dict(
+        codec_config,
+        **{"strategy": "fedavg", "fraction-train": 1.0, "num-server-rounds": 3, "codec-up": codec, "codec-down": codec},
+    )
     tampered = LocalGrid(client_app, 6)
     Tamper(tampered, (BAD_INT8 | BAD_TOPK)[how])
     bad = run_inprocess(config, tmp_path / "bad", progress=False, grid=tampered)
@@ -166,8 +194,9 @@ def test_bad_encoded_replies_are_rejected_with_the_model_untouched(codec_config,
     silent = LocalGrid(client_app, 6, fail=lambda rnd, pid, kind: kind == "train" and pid == 1 and rnd in (2, 3))
     clean = run_inprocess(config, tmp_path / "silent", progress=False, grid=silent)
     assert bad["final_accuracy"] == clean["final_accuracy"]
-    assert [r["accuracy"] for r in read_csv(tmp_path / "bad" / "metrics.csv")] == \
-        [r["accuracy"] for r in read_csv(tmp_path / "silent" / "metrics.csv")]
+    assert [r["accuracy"] for r in read_csv(tmp_path / "bad" / "metrics.csv")] == [
+        r["accuracy"] for r in read_csv(tmp_path / "silent" / "metrics.csv")
+    ]
 
 
 def test_the_accountant_refuses_an_unknown_array_record_going_down_and_books_one_coming_up(small_config, tmp_path):
@@ -176,9 +205,16 @@ def test_the_accountant_refuses_an_unknown_array_record_going_down_and_books_one
     from fedcmd.accountant import VolumeAccountant
 
     acc = VolumeAccountant()
-    msg = Message(RecordDict({"weights": ArrayRecord({"values": Array(np.zeros(10, np.float32))}),
-                              "extra": ArrayRecord({"values": Array(np.zeros(1000, np.float32))})}),
-                  dst_node_id=1, message_type="train")
+    msg = Message(
+        RecordDict(
+            {
+                "weights": ArrayRecord({"values": Array(np.zeros(10, np.float32))}),
+                "extra": ArrayRecord({"values": Array(np.zeros(1000, np.float32))}),
+            }
+        ),
+        dst_node_id=1,
+        message_type="train",
+    )
     with pytest.raises(ValueError, match="'extra'"):
         acc.record_message(1, 0, "down", msg)
     acc = VolumeAccountant()

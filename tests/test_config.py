@@ -22,14 +22,17 @@ def test_overrides_parse_toml_values(tmp_path):
     assert config["partition"] == "dirichlet" and config["download"] is True and config["momentum"] == 0.0
 
 
-@pytest.mark.parametrize("values, key", [
-    ({"num-rounds": 3}, "num-rounds"),
-    ({"lr": "fast"}, "lr"),
-    ({"num-clients": 0}, "num-clients"),
-    ({"fraction-train": 1.5}, "fraction-train"),
-    ({"strategy": "fedsgd"}, "strategy"),
-    ({"num-clients": 2.5}, "num-clients"),
-])
+@pytest.mark.parametrize(
+    "values, key",
+    [
+        ({"num-rounds": 3}, "num-rounds"),
+        ({"lr": "fast"}, "lr"),
+        ({"num-clients": 0}, "num-clients"),
+        ({"fraction-train": 1.5}, "fraction-train"),
+        ({"strategy": "fedsgd"}, "strategy"),
+        ({"num-clients": 2.5}, "num-clients"),
+    ],
+)
 def test_bad_values_name_the_key(values, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):
         resolve(values)
@@ -47,8 +50,12 @@ def test_nested_table_and_missing_file_are_errors(tmp_path):
 def test_cli_bad_config_exits_nonzero_naming_the_key(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text("num-server-round = 3\n")
-    proc = subprocess.run([sys.executable, "-m", "fedcmd.cli", "run", str(path), "--engine", "inprocess"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedcmd.cli", "run", str(path), "--engine", "inprocess"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "num-server-round" in proc.stderr
 

@@ -25,9 +25,21 @@ START_SECONDS = 300  # under load (average 9 on 2 cores) a SuperLink took over 9
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
     root = tmp_path_factory.mktemp("deployment")
-    config = resolve({"dataset": "synthetic", "synthetic-train-size": 400, "synthetic-test-size": 200,
-                      "num-clients": NODES, "num-server-rounds": 2, "batch-size": 16, "local-steps": 4,
-                      "optimizer": "adam", "lr": 0.002, "optimizer-state": "keep", "round-timeout": 600.0})
+    config = resolve(
+        {
+            "dataset": "synthetic",
+            "synthetic-train-size": 400,
+            "synthetic-test-size": 200,
+            "num-clients": NODES,
+            "num-server-rounds": 2,
+            "batch-size": 16,
+            "local-steps": 4,
+            "optimizer": "adam",
+            "lr": 0.002,
+            "optimizer-state": "keep",
+            "round-timeout": 600.0,
+        }
+    )
     result = {"root": root, "config": config}
     # Keys for one node more than the deployment starts: node-2's key is bound to partition 2.
     credentials = make_credentials(root / "deployed" / "deploy" / "credentials", NODES + 1)
@@ -38,8 +50,9 @@ def deployment(tmp_path_factory):
         stranger = deployment.start_foreign_node(make_node_key(deployment.folder / "stranger-key"))
         # A registered node claims partition 1, which its key is not bound to (the issue's hijack).
         deployment.register(credentials.node_key(NODES))
-        thief = deployment.start_foreign_node(credentials.node_key(NODES), partition_id=1,
-                                              log_name="supernode-thief.log")
+        thief = deployment.start_foreign_node(
+            credentials.node_key(NODES), partition_id=1, log_name="supernode-thief.log"
+        )
         deployment.wait_for_nodes(NODES + 1, START_SECONDS)
         result["summary"] = deployment.run(config, root / "deployed", timeout=1800)
         try:
@@ -133,6 +146,8 @@ def test_stop_process_groups_ends_whole_groups_and_kills_what_ignores_sigterm():
     finally:
         stop_process_groups([stubborn.pid, plain.pid], grace=0.0, sig=9)
         plain.wait(5)
+
+
 def serverapps_under(pid):
     """PIDs of flwr-serverapp processes descending from `pid`."""
     parents, commands = {}, {}
@@ -154,8 +169,18 @@ def serverapps_under(pid):
 
 
 def test_a_superlink_crash_leaves_no_process_behind(tmp_path):
-    config = resolve({"dataset": "synthetic", "synthetic-train-size": 100, "synthetic-test-size": 50, "model": "mlp",
-                      "num-clients": 1, "num-server-rounds": 4, "batch-size": 16, "round-timeout": 60.0})
+    config = resolve(
+        {
+            "dataset": "synthetic",
+            "synthetic-train-size": 100,
+            "synthetic-test-size": 50,
+            "model": "mlp",
+            "num-clients": 1,
+            "num-server-rounds": 4,
+            "batch-size": 16,
+            "round-timeout": 60.0,
+        }
+    )
     seen = {}
 
     with Deployment(tmp_path / "deploy", 1) as deployment:
@@ -171,7 +196,9 @@ def test_a_superlink_crash_leaves_no_process_behind(tmp_path):
         started = [deployment.superlink, *deployment.nodes.values()]
     assert seen["serverapps"], "the run had a flwr-serverapp process"
     for pid in seen["serverapps"]:
-        assert not Path(f"/proc/{pid}").exists() or "Z" in (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1]
-                                                          .split()[0]), f"flwr-serverapp {pid} outlived deploy"
+        assert (
+            not Path(f"/proc/{pid}").exists()
+            or "Z" in (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0])
+        ), f"flwr-serverapp {pid} outlived deploy"
     for proc in started:
         assert proc.poll() is not None and live_group_members(proc.pid) == []

@@ -89,8 +89,7 @@ def test_every_relative_link_and_anchor_resolves(page):
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_repository_path_a_page_names_exists(page):
-    missing = sorted({p for p in PATH.findall(page.read_text())
-                      if not glob.glob(str(ROOT / p.rstrip(".")) + "*")})
+    missing = sorted({p for p in PATH.findall(page.read_text()) if not glob.glob(str(ROOT / p.rstrip(".")) + "*")})
     assert not missing, missing
 
 

@@ -27,8 +27,16 @@ from fedcmd.events import (
 )
 from fedcmd.report import read_rows
 
-SMALL = {"dataset": "synthetic", "synthetic-train-size": 200, "synthetic-test-size": 50, "model": "mlp",
-         "num-clients": 3, "num-server-rounds": 3, "batch-size": 16, "eval-every": 2}
+SMALL = {
+    "dataset": "synthetic",
+    "synthetic-train-size": 200,
+    "synthetic-test-size": 50,
+    "model": "mlp",
+    "num-clients": 3,
+    "num-server-rounds": 3,
+    "batch-size": 16,
+    "eval-every": 2,
+}
 
 
 @pytest.fixture
@@ -38,8 +46,10 @@ def config(small_config):
 
 def strict_lines(path):
     """Every line of the file parsed as strict JSON (no NaN or Infinity)."""
+
     def refuse(constant):
         raise ValueError(f"not strict JSON: {constant}")
+
     return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
 
 
@@ -62,7 +72,12 @@ def test_an_in_process_run_writes_its_events_in_order(config, tmp_path):
     assert [e["event"] for e in events] == [RUN_STARTED, ROUND_FINISHED, ROUND_FINISHED, ROUND_FINISHED, RUN_FINISHED]
     assert [e["time"] for e in events] == sorted(e["time"] for e in events)
     started, rounds, finished = events[0], events[1:4], events[4]
-    assert (started["strategy"], started["rounds"], started["first_round"], started["resumed"]) == ("fedavg", 3, 1, False)
+    assert (started["strategy"], started["rounds"], started["first_round"], started["resumed"]) == (
+        "fedavg",
+        3,
+        1,
+        False,
+    )
     assert started["config_digest"] == hashlib.sha256((tmp_path / "config.toml").read_bytes()).hexdigest()
     assert started["parameters"] == summary["num_parameters"] and started["flower_run_id"] is None
     table = read_rows(tmp_path / "metrics.csv")
@@ -100,7 +115,9 @@ def test_a_failed_run_says_why_and_a_resumed_run_appends(config, tmp_path, monke
     assert [e["round"] for e in events if e["event"] == ROUND_FINISHED] == [1, 2, 3]
     # A new run in the folder starts the file afresh.
     run_inprocess(config, tmp_path, progress=False, overwrite=True)
-    assert [e["event"] for e in read_events(tmp_path / EVENTS_NAME)] == [RUN_STARTED] + [ROUND_FINISHED] * 3 + [RUN_FINISHED]
+    assert [e["event"] for e in read_events(tmp_path / EVENTS_NAME)] == [RUN_STARTED] + [ROUND_FINISHED] * 3 + [
+        RUN_FINISHED
+    ]
 
 
 def test_a_run_refused_before_it_starts_writes_no_event(config, tmp_path):
@@ -117,21 +134,42 @@ def test_the_cli_prints_its_progress_from_the_events(tmp_path, capsys):
     assert main(args) == 0
     printed = capsys.readouterr().out
     lines = [line for line in map(progress_line, read_events(out / EVENTS_NAME)) if line is not None]
-    assert printed == "\n".join(lines) + "\n" + f"[fedcmd] outputs in {out}/ (summary.json, metrics.csv, volume.csv, " \
-                                                f"partitions.csv, events.jsonl, run.png)\n"
-    assert lines[0].startswith("[fedcmd] fedavg on synthetic: 200 train / 50 test images") and \
-        "parameters; round 0: accuracy 0." in lines[0]
+    assert (
+        printed == "\n".join(lines) + "\n" + f"[fedcmd] outputs in {out}/ (summary.json, metrics.csv, volume.csv, "
+        f"partitions.csv, events.jsonl, run.png)\n"
+    )
+    assert (
+        lines[0].startswith("[fedcmd] fedavg on synthetic: 200 train / 50 test images")
+        and "parameters; round 0: accuracy 0." in lines[0]
+    )
     assert lines[1].startswith("[fedcmd] round 2/3: accuracy 0.") and ", 3/3 replies, " in lines[1]  # round 1: no eval
     assert lines[2].startswith("[fedcmd] round 3/3: ") and json.loads(lines[3])["rounds"] == 3
 
 
 def test_progress_lines():
-    started = dict(event=RUN_STARTED, strategy="cmd", dataset="d", parameters=7, rounds=5, first_round=3,
-                   resumed=True, accuracy=0.5)
+    started = dict(
+        event=RUN_STARTED,
+        strategy="cmd",
+        dataset="d",
+        parameters=7,
+        rounds=5,
+        first_round=3,
+        resumed=True,
+        accuracy=0.5,
+    )
     assert progress_line(started) == "[fedcmd] cmd on d: resuming after round 2 (last accuracy 0.5000)"
     assert progress_line(dict(started, resumed=False)) == "[fedcmd] cmd on d, 7 parameters; round 0: accuracy 0.5000"
-    done = dict(event=ROUND_FINISHED, round=4, rounds=5, evaluated=True, accuracy=0.61234, replies=2, sampled=3,
-                mb_cumulative=1.234, round_seconds=2.26)
+    done = dict(
+        event=ROUND_FINISHED,
+        round=4,
+        rounds=5,
+        evaluated=True,
+        accuracy=0.61234,
+        replies=2,
+        sampled=3,
+        mb_cumulative=1.234,
+        round_seconds=2.26,
+    )
     assert progress_line(done) == "[fedcmd] round 4/5: accuracy 0.6123, 2/3 replies, 1.23 MB so far, 2.3 s"
     assert progress_line(dict(done, evaluated=False, accuracy=None)) is None
     assert progress_line(dict(event=RUN_FAILED, error="ValueError: x", round=4)) is None
@@ -157,11 +195,13 @@ def test_the_follower_reads_whole_lines_as_they_come(tmp_path):
 
 def write_run(path, names, pause=0.05):
     """Another process's run, in a thread: events written one by one."""
+
     def run():
         log = EventLog(path, append=False)
         for name in names:
             time.sleep(pause)
             log.emit(name, round=1, error="RuntimeError: out of disk", summary_path=str(path.parent / "summary.json"))
+
     thread = threading.Thread(target=run)
     thread.start()
     return thread
@@ -183,7 +223,9 @@ def test_deploy_reports_a_failed_run_with_its_error(tmp_path):
     writer = write_run(path, [RUN_STARTED, ROUND_FINISHED, RUN_FAILED])
     end = follow_events(EventFollower(path), ended=lambda: None, timeout=30, every=0.01)
     writer.join()
-    with pytest.raises(DeploymentError, match=r"the run failed after round 1: RuntimeError: out of disk; see .*flwr-run"):
+    with pytest.raises(
+        DeploymentError, match=r"the run failed after round 1: RuntimeError: out of disk; see .*flwr-run"
+    ):
         run_summary(end, tmp_path / "flwr-run.log")
 
 

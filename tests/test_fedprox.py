@@ -43,11 +43,14 @@ def test_the_proximal_term_is_half_mu_times_the_squared_distance_and_its_gradien
 def test_mu_zero_is_fedavg_float_for_float(small_config, tmp_path):
     config = dict(small_config, **{"num-server-rounds": 2})
     fedavg = run_inprocess(config, tmp_path / "fedavg", progress=False)
-    fedprox = run_inprocess(dict(config, strategy="fedprox", **{"fedprox-mu": 0.0}), tmp_path / "fedprox",
-                            progress=False)
+    fedprox = run_inprocess(
+        dict(config, strategy="fedprox", **{"fedprox-mu": 0.0}), tmp_path / "fedprox", progress=False
+    )
     assert fedprox["strategy"] == "fedprox" and fedprox["fedprox_mu"] == 0.0
-    rows = [[(r["accuracy"], r["train_loss"]) for r in read_csv(tmp_path / name / "metrics.csv")]
-            for name in ("fedavg", "fedprox")]
+    rows = [
+        [(r["accuracy"], r["train_loss"]) for r in read_csv(tmp_path / name / "metrics.csv")]
+        for name in ("fedavg", "fedprox")
+    ]
     assert rows[0] == rows[1] and fedavg["final_accuracy"] == fedprox["final_accuracy"]
 
 

@@ -71,7 +71,7 @@ def test_split_gives_named_views():
     assert list(parts) == list(layout.names)
     np.testing.assert_array_equal(parts["4.weight"], net[4].weight.detach().numpy())
     parts["0.bias"][:] = 0.0
-    assert not theta[layout.offsets[1]:layout.offsets[2]].any()  # views, not copies
+    assert not theta[layout.offsets[1] : layout.offsets[2]].any()  # views, not copies
 
 
 def test_bad_inputs_are_named():

@@ -27,8 +27,16 @@ TAG = "FEDCMD_TEST_FLWR_RUN"
 
 def clean_copy(dest: Path) -> Path:
     """The repository's files as a fresh clone of this working tree would have them (no venv, no runs)."""
-    listed = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                            capture_output=True, check=True, timeout=60).stdout.decode().split("\0")
+    listed = (
+        subprocess.run(
+            ["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            capture_output=True,
+            check=True,
+            timeout=60,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for name in filter(None, listed):
         if (ROOT / name).is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
@@ -63,9 +71,15 @@ def flower_env(repo: Path, tag: str) -> dict[str, str]:
     """This environment with a Flower home in `repo`, free local-SuperLink ports and the tag."""
     http_port = free_port()
     control_port = next(p for p in iter(free_port, None) if p != http_port)
-    return dict(os.environ, FLWR_HOME=str(repo / ".flwr"), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
-                FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(http_port), FLWR_LOCAL_CONTROL_API_PORT=str(control_port),
-                **{TAG: tag})
+    return dict(
+        os.environ,
+        FLWR_HOME=str(repo / ".flwr"),
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(http_port),
+        FLWR_LOCAL_CONTROL_API_PORT=str(control_port),
+        **{TAG: tag},
+    )
 
 
 def stop_tagged(tag: str) -> None:
@@ -82,8 +96,10 @@ def test_flwr_run_from_a_clean_copy_writes_the_outputs_and_leaves_nothing_runnin
     tag = uuid.uuid4().hex
     env = flower_env(repo, tag)
     # The README's set-up for a plain `flwr run .`: the venv's scripts on PATH, no runtime dependency installation.
-    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+    )
     try:
         run = run_command(["flwr", "run", ".", "--stream", "--run-config", RUN_CONFIG], repo, env)
         # The same command again (a user repeating it): a folder of its own, not a refused overwrite.
@@ -103,7 +119,12 @@ def test_flwr_run_from_a_clean_copy_writes_the_outputs_and_leaves_nothing_runnin
     assert outs[0] != outs[1] and (outs[1] / "summary.json").is_file(), again.stdout[-3000:] + again.stderr[-3000:]
     out = outs[0]
     summary = json.loads((out / "summary.json").read_text())
-    assert (summary["rounds"], summary["num_clients"], summary["dataset"], summary["model"]) == (2, 2, "synthetic", "mlp")
+    assert (summary["rounds"], summary["num_clients"], summary["dataset"], summary["model"]) == (
+        2,
+        2,
+        "synthetic",
+        "mlp",
+    )
     assert summary["replies_rejected"] == 0 and summary["volume_ratio"] == 1.0
     with open(out / "metrics.csv") as fh:
         rows = list(csv.DictReader(fh))
@@ -125,8 +146,9 @@ def test_make_flwr_run_fails_on_a_failed_run_and_stops_its_superlink(tmp_path):
     env["PATH"] = os.pathsep.join(d for d in env.get("PATH", "").split(os.pathsep) if d != venv_bin)
     env.pop("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", None)
     try:
-        run = run_command([sys.executable, "-m", "fedcmd.local_superlink", "run", "--run-config", "num-clients=0"],
-                          repo, env)
+        run = run_command(
+            [sys.executable, "-m", "fedcmd.local_superlink", "run", "--run-config", "num-clients=0"], repo, env
+        )
         after = tagged_processes(tag)
     finally:
         stop_tagged(tag)

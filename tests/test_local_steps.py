@@ -22,8 +22,10 @@ STRATEGIES = ("fedavg", "cmd", "apf", "a-apf")
 @pytest.fixture
 def config(small_config):
     # 100 samples per client, batches of 16: 7 steps a round wrap each pass after 6.25 steps
-    return dict(small_config, **{"local-steps": 7, "optimizer": "adam", "lr": 0.002, "optimizer-state": "keep",
-                                 "num-server-rounds": 4})
+    return dict(
+        small_config,
+        **{"local-steps": 7, "optimizer": "adam", "lr": 0.002, "optimizer-state": "keep", "num-server-rounds": 4},
+    )
 
 
 class BatchSpy:
@@ -57,7 +59,7 @@ def test_stream_draws_each_sample_once_per_pass_and_continues_from_its_position(
     drawn = torch.cat(list(stream.take(25)))  # 200 draws = 4 passes of 50
     assert drawn.numel() == 200
     for p in range(4):
-        assert sorted(drawn[50 * p: 50 * (p + 1)].tolist()) == list(range(50))
+        assert sorted(drawn[50 * p : 50 * (p + 1)].tolist()) == list(range(50))
     assert stream.position == (4, 0)
     # A stream rebuilt from a stored position continues exactly where the first one was.
     first = BatchStream(50, 8, seed=3, partition_id=1)
@@ -100,7 +102,7 @@ def test_exactly_k_steps_per_round_and_the_stream_continues_across_rounds(config
         stream = torch.cat(list(BatchStream(n, 16, config["seed"], pid).take(28)))
         assert torch.equal(drawn, task.client_index(config, pid)[stream])
         for p in range(len(drawn) // n):
-            assert len(set(drawn[p * n:(p + 1) * n].tolist())) == n  # no sample twice within a pass
+            assert len(set(drawn[p * n : (p + 1) * n].tolist())) == n  # no sample twice within a pass
 
 
 def test_adam_state_is_kept_or_reset_as_configured(config, tmp_path):
@@ -182,13 +184,18 @@ def test_resume_with_adam_and_local_steps_is_bit_identical(config, tmp_path, str
     for pid in range(4):
         fresh.restart(pid)  # new node ids, empty node state
     cut = run_inprocess(config, tmp_path / "b", progress=False, grid=fresh, resume=True)
-    model = lambda out: [{k: r[k] for k in ("round", "accuracy", "loss", "train_loss", "accepted")}
-                         for r in read_csv(out / "metrics.csv")]
+    model = lambda out: [
+        {k: r[k] for k in ("round", "accuracy", "loss", "train_loss", "accepted")}
+        for r in read_csv(out / "metrics.csv")
+    ]
     assert model(tmp_path / "b") == model(tmp_path / "a")
     assert cut["final_accuracy"] == whole["final_accuracy"] and cut["replies_rejected"] == 0
     if strategy == "fedavg":  # APF's restarted clients get the whole model at their first contact instead
-        payload = lambda out: [(r["round"], r["client"], r["direction"], r["category"], r["values"])
-                               for r in read_csv(out / "volume.csv") if r["category"] != "metadata"]
+        payload = lambda out: [
+            (r["round"], r["client"], r["direction"], r["category"], r["values"])
+            for r in read_csv(out / "volume.csv")
+            if r["category"] != "metadata"
+        ]
         assert payload(tmp_path / "b") == payload(tmp_path / "a")
 
 

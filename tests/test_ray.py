@@ -13,8 +13,17 @@ pytestmark = pytest.mark.slow  # real Ray / deployment / flwr run: `make test-fa
 
 
 def test_cmd_on_ray_embeds_and_clients_keep_their_stores(small_config, tmp_path):
-    config = dict(small_config, **{"strategy": "cmd", "num-server-rounds": 4, "cmd-warmup": 1,
-                                   "cmd-every": 1, "cmd-fraction": 0.3, "cmd-samples": 300})
+    config = dict(
+        small_config,
+        **{
+            "strategy": "cmd",
+            "num-server-rounds": 4,
+            "cmd-warmup": 1,
+            "cmd-every": 1,
+            "cmd-fraction": 0.3,
+            "cmd-samples": 300,
+        },
+    )
     summary = run_ray(config, tmp_path, progress=False)
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     # events after rounds 2 and 3 reach the clients in rounds 3 and 4; a store that did not persist
@@ -28,9 +37,21 @@ def test_cmd_on_ray_embeds_and_clients_keep_their_stores(small_config, tmp_path)
 def test_short_rounds_on_ray_match_the_in_process_run(small_config, tmp_path, strategy):
     """local-steps with Adam state kept: every node continues its batch stream and its optimizer
     across rounds on Ray exactly as in process (same global models round by round)."""
-    config = dict(small_config, **{"strategy": strategy, "num-server-rounds": 3, "local-steps": 5,
-                                   "optimizer": "adam", "lr": 0.002, "optimizer-state": "keep",
-                                   "cmd-warmup": 1, "cmd-every": 1, "cmd-fraction": 0.3, "cmd-samples": 300})
+    config = dict(
+        small_config,
+        **{
+            "strategy": strategy,
+            "num-server-rounds": 3,
+            "local-steps": 5,
+            "optimizer": "adam",
+            "lr": 0.002,
+            "optimizer-state": "keep",
+            "cmd-warmup": 1,
+            "cmd-every": 1,
+            "cmd-fraction": 0.3,
+            "cmd-samples": 300,
+        },
+    )
     on_ray = run_ray(config, tmp_path / "ray", progress=False)
     in_process = run_inprocess(config, tmp_path / "inp", progress=False)
     assert on_ray["replies_rejected"] == 0 and on_ray["rounds"] == 3

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow  # real Ray cluster (minutes): `make test-fast` leaves it out
-
 from fedcmd.cli import main
 from fedcmd.config import load_config
 from fedcmd.deploy import free_port
 from fedcmd.engine import RayClusterError, check_ray_address, run_inprocess
+
+pytestmark = pytest.mark.slow  # real Ray cluster (minutes): `make test-fast` leaves it out
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "ray_cluster.py"
 
@@ -25,8 +25,9 @@ SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "ray_cluster.py"
 @pytest.fixture(scope="module")
 def cluster_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ray-cluster")
-    done = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out)], capture_output=True, text=True,
-                          timeout=2400)
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(out)], capture_output=True, text=True, timeout=2400
+    )
     report = json.loads((out / "ray-cluster.json").read_text())
     return out, done, report
 
@@ -66,8 +67,9 @@ def test_nothing_is_left_running(cluster_run):
     left = []
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and (temp_dir in (entry / "cmdline").read_bytes()
-                                         or marker in (entry / "environ").read_bytes().split(b"\0")):
+            if entry.name.isdigit() and (
+                temp_dir in (entry / "cmdline").read_bytes() or marker in (entry / "environ").read_bytes().split(b"\0")
+            ):
                 left.append(int(entry.name))
         except OSError:
             continue

@@ -11,8 +11,22 @@ from fedcmd.client_app import app as client_app
 from fedcmd.engine import LocalGrid, run_inprocess
 from fedcmd.report import RunTables, read_rows
 
-SMALL = ["--set", 'dataset="synthetic"', "--set", "synthetic-train-size=200", "--set", "synthetic-test-size=50",
-         "--set", "num-server-rounds=2", "--set", "num-clients=2", "--set", "model=\"mlp\"", "--engine", "inprocess"]
+SMALL = [
+    "--set",
+    'dataset="synthetic"',
+    "--set",
+    "synthetic-train-size=200",
+    "--set",
+    "synthetic-test-size=50",
+    "--set",
+    "num-server-rounds=2",
+    "--set",
+    "num-clients=2",
+    "--set",
+    'model="mlp"',
+    "--engine",
+    "inprocess",
+]
 
 
 def read_csv(path):
@@ -24,20 +38,23 @@ def folder_state(folder):
     return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("overrides, says", [
-    (['dataset="imagenet"'], "unknown dataset 'imagenet'"),
-    (['model="vgg"'], "unknown model 'vgg'"),
-    (["num-clients=500"], "num_partitions must be in [1, 200], got 500"),
-    (['partition="dirichlet"', "dirichlet-alpha=0.0001", "num-clients=20"], "max number of attempts"),
-    (['partition="pathological"', "classes-per-client=11"], "num_classes_per_partition`=11"),
-    (['synthetic-shape="1x0x28"'], "synthetic shape must be three positive sizes"),
-    (['synthetic-shape="abc"'], "image shape must look like CxHxW"),
-    (['synthetic-shape="1x4x4"', 'model="lenet5"'], "Kernel size can't be greater than actual input size"),
-    (["lr=inf"], "'lr': inf is not a finite number"),
-    (["round-timeout=inf"], "'round-timeout': inf is not a finite number"),
-    (["max-update-norm=nan"], "'max-update-norm': nan is not a finite number"),
-    (['partition-binding="/nonexistent/binding.json"'], "cannot read a binding from /nonexistent/binding.json"),
-])
+@pytest.mark.parametrize(
+    "overrides, says",
+    [
+        (['dataset="imagenet"'], "unknown dataset 'imagenet'"),
+        (['model="vgg"'], "unknown model 'vgg'"),
+        (["num-clients=500"], "num_partitions must be in [1, 200], got 500"),
+        (['partition="dirichlet"', "dirichlet-alpha=0.0001", "num-clients=20"], "max number of attempts"),
+        (['partition="pathological"', "classes-per-client=11"], "num_classes_per_partition`=11"),
+        (['synthetic-shape="1x0x28"'], "synthetic shape must be three positive sizes"),
+        (['synthetic-shape="abc"'], "image shape must look like CxHxW"),
+        (['synthetic-shape="1x4x4"', 'model="lenet5"'], "Kernel size can't be greater than actual input size"),
+        (["lr=inf"], "'lr': inf is not a finite number"),
+        (["round-timeout=inf"], "'round-timeout': inf is not a finite number"),
+        (["max-update-norm=nan"], "'max-update-norm': nan is not a finite number"),
+        (['partition-binding="/nonexistent/binding.json"'], "cannot read a binding from /nonexistent/binding.json"),
+    ],
+)
 def test_user_errors_exit_2_with_one_line(tmp_path, capsys, overrides, says):
     args = ["run", *SMALL, "--out", str(tmp_path / "out")]
     for item in overrides:
@@ -122,6 +139,9 @@ def test_figures_not_measured_are_empty_cells(tmp_path):
     tables.append_round(1, rows, Strategy())
     rows.append(dict(round=2, accuracy=0.7, loss=0.9, extra=3.0))  # a new column: the table is rewritten
     tables.append_round(2, rows, Strategy())
-    assert [(r["accuracy"], r["loss"], r["extra"]) for r in read_csv(tmp_path / "metrics.csv")] == \
-        [("0.5", "1.0", ""), ("", "", ""), ("0.7", "0.9", "3.0")]
+    assert [(r["accuracy"], r["loss"], r["extra"]) for r in read_csv(tmp_path / "metrics.csv")] == [
+        ("0.5", "1.0", ""),
+        ("", "", ""),
+        ("0.7", "0.9", "3.0"),
+    ]
     assert math.isnan(read_rows(tmp_path / "metrics.csv")[1]["accuracy"])

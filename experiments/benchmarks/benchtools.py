@@ -41,9 +41,15 @@ class PhaseTimers:
         self._stack: list[str] = []
         self._originals: list[tuple[Any, str, Any]] = []
 
-    def wrap(self, owner: Any, attr: str, label: str | None = None, *,
-             before: Callable[[tuple, dict], None] | None = None,
-             after: Callable[[Any, tuple, dict, float], None] | None = None) -> None:
+    def wrap(
+        self,
+        owner: Any,
+        attr: str,
+        label: str | None = None,
+        *,
+        before: Callable[[tuple, dict], None] | None = None,
+        after: Callable[[Any, tuple, dict, float], None] | None = None,
+    ) -> None:
         """Time every call of `owner.attr` under `label` (default: attr) until `restore`."""
         original = getattr(owner, attr)
         label = label or attr
@@ -215,8 +221,10 @@ class TreeMemorySampler:
 def rusage_peaks() -> dict[str, int]:
     """Peak RSS in bytes of this process, and the largest peak of any waited-for descendant (Linux
     reports ru_maxrss in KiB; for RUSAGE_CHILDREN it is a maximum over processes, not a sum)."""
-    return {"self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "children_max": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}
+    return {
+        "self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "children_max": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
+    }
 
 
 # ------------------------------------------------------------------------------------------ output
@@ -225,9 +233,15 @@ def rusage_peaks() -> dict[str, int]:
 def machine() -> dict[str, Any]:
     import torch
 
-    return {"cpus": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()],
-            "platform": platform.platform(), "python": platform.python_version(), "numpy": np.__version__,
-            "torch": torch.__version__, "flwr": metadata.version("flwr")}
+    return {
+        "cpus": os.cpu_count(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "torch": torch.__version__,
+        "flwr": metadata.version("flwr"),
+    }
 
 
 def command_line() -> str:

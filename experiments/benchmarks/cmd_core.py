@@ -47,15 +47,18 @@ def profiles(n_modes: int, n_snapshots: int, rng: np.random.Generator) -> np.nda
     t = np.linspace(0.0, 1.0, n_snapshots)
     rows = []
     for _ in range(n_modes):
-        p = (rng.normal() * np.exp(-t / rng.uniform(0.05, 1.0))
-             + 0.5 * rng.normal() * np.sin(2 * np.pi * rng.uniform(0.3, 2.0) * t + rng.uniform(0, 6))
-             + 0.3 * np.cumsum(rng.normal(size=n_snapshots)) / np.sqrt(n_snapshots))
+        p = (
+            rng.normal() * np.exp(-t / rng.uniform(0.05, 1.0))
+            + 0.5 * rng.normal() * np.sin(2 * np.pi * rng.uniform(0.3, 2.0) * t + rng.uniform(0, 6))
+            + 0.3 * np.cumsum(rng.normal(size=n_snapshots)) / np.sqrt(n_snapshots)
+        )
         rows.append((p - p.mean()) / p.std())
     return np.array(rows)
 
 
-def plant(n_params: int, n_modes: int, n_snapshots: int, noise: float, seed: int, barely_moving: bool,
-          block: int = 1 << 20) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def plant(
+    n_params: int, n_modes: int, n_snapshots: int, noise: float, seed: int, barely_moving: bool, block: int = 1 << 20
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """float32 N x T planted trajectories (generated in blocks), true modes, true profiles."""
     rng = np.random.default_rng(seed)
     prof = profiles(n_modes, n_snapshots, rng)
@@ -65,8 +68,9 @@ def plant(n_params: int, n_modes: int, n_snapshots: int, noise: float, seed: int
         stop = min(start + block, n_params)
         n = stop - start
         a = rng.normal(size=n) if barely_moving else rng.choice([-1.0, 1.0], n) * rng.uniform(0.5, 2.0, n)
-        w[start:stop] = (a[:, None] * prof[modes[start:stop]] + rng.normal(size=(n, 1))
-                         + noise * rng.normal(size=(n, n_snapshots)))
+        w[start:stop] = (
+            a[:, None] * prof[modes[start:stop]] + rng.normal(size=(n, 1)) + noise * rng.normal(size=(n, n_snapshots))
+        )
     return w, modes, prof
 
 
@@ -97,10 +101,16 @@ def robustness(seeds: list[int], n_params: int) -> list[dict]:
                     rec = model.reconstruct(w[model.reference_index])
                     errors[name].append(float(np.sqrt(np.mean((rec - w) ** 2))))
             for name, values in scores.items():
-                rows.append({"a": "a ~ N(0,1)" if barely_moving else "|a| in [0.5, 2]", "noise": noise,
-                             "method": name, "agreement_mean": float(np.mean(values)),
-                             "agreement_min": float(np.min(values)),
-                             "rmse_mean": float(np.mean(errors[name])) if name in errors else None})
+                rows.append(
+                    {
+                        "a": "a ~ N(0,1)" if barely_moving else "|a| in [0.5, 2]",
+                        "noise": noise,
+                        "method": name,
+                        "agreement_mean": float(np.mean(values)),
+                        "agreement_min": float(np.min(values)),
+                        "rmse_mean": float(np.mean(errors[name])) if name in errors else None,
+                    }
+                )
                 print(rows[-1], flush=True)
     return rows
 
@@ -152,10 +162,12 @@ def scale(n_params: int, n_snapshots: int = 21, n_modes: int = 10) -> dict:
     out["fit_peak_extra_traced_ratio"] = traced_peak / w.nbytes
     out["fit_peak_extra_rss_ratio"] = out["fit_peak_extra_rss_bytes"] / w.nbytes
     out["result_bytes"] = model.modes.nbytes + model.a.nbytes + model.b.nbytes
-    print(f"fit_cmd peak extra memory: traced {traced_peak / 1e6:.0f} MB "
-          f"({out['fit_peak_extra_traced_ratio']:.2f} x input), RSS {out['fit_peak_extra_rss_bytes'] / 1e6:.0f} MB "
-          f"({out['fit_peak_extra_rss_ratio']:.2f} x input); the result itself is {out['result_bytes'] / 1e6:.0f} MB",
-          flush=True)
+    print(
+        f"fit_cmd peak extra memory: traced {traced_peak / 1e6:.0f} MB "
+        f"({out['fit_peak_extra_traced_ratio']:.2f} x input), RSS {out['fit_peak_extra_rss_bytes'] / 1e6:.0f} MB "
+        f"({out['fit_peak_extra_rss_ratio']:.2f} x input); the result itself is {out['result_bytes'] / 1e6:.0f} MB",
+        flush=True,
+    )
     del model
 
     warmup = n_snapshots - 1
@@ -191,10 +203,13 @@ def scale(n_params: int, n_snapshots: int = 21, n_modes: int = 10) -> dict:
     start = time.perf_counter()
     online.model_weights(snapshots[12])
     out["model_weights_seconds"] = time.perf_counter() - start
-    print(f"observe: median {out['observe_seconds_median']:.3f} s, with {out['observe_frozen_fraction']:.0%} frozen "
-          f"{out['observe_frozen_seconds_median']:.3f} s; embedding event ({new.size} weights) "
-          f"{out['embedding_event_seconds']:.3f} s; model_weights {out['model_weights_seconds']:.3f} s; "
-          f"state {out['state_bytes_per_param']:.2f} bytes/weight", flush=True)
+    print(
+        f"observe: median {out['observe_seconds_median']:.3f} s, with {out['observe_frozen_fraction']:.0%} frozen "
+        f"{out['observe_frozen_seconds_median']:.3f} s; embedding event ({new.size} weights) "
+        f"{out['embedding_event_seconds']:.3f} s; model_weights {out['model_weights_seconds']:.3f} s; "
+        f"state {out['state_bytes_per_param']:.2f} bytes/weight",
+        flush=True,
+    )
     return out
 
 
@@ -206,11 +221,13 @@ def beyond_2_24() -> dict:
     start = time.perf_counter()
     model = fit_cmd(w, 2, n_samples=50, tensor_sizes=[2**24, 3])
     seconds = time.perf_counter() - start
-    exact = (model.reference_index.tolist() == [2**24, 2**24 + 1] and model.modes[-3:].tolist() == [0, 1, 0]
-             and np.allclose(model.reconstruct(w[model.reference_index])[-3:], w[-3:], atol=1e-12))
+    exact = (
+        model.reference_index.tolist() == [2**24, 2**24 + 1]
+        and model.modes[-3:].tolist() == [0, 1, 0]
+        and np.allclose(model.reconstruct(w[model.reference_index])[-3:], w[-3:], atol=1e-12)
+    )
     print(f"N = 2^24 + 3: references {model.reference_index.tolist()}, exact: {exact}, {seconds:.1f} s", flush=True)
-    return {"n_params": n, "reference_index": model.reference_index.tolist(), "exact": bool(exact),
-            "seconds": seconds}
+    return {"n_params": n, "reference_index": model.reference_index.tolist(), "exact": bool(exact), "seconds": seconds}
 
 
 # ----------------------------------------------------------------------------------------- report
@@ -225,8 +242,7 @@ def markdown(result: dict) -> str:
         f"start), numpy {result['machine']['numpy']}, scipy {result['machine']['scipy']}. "
         f"Command: `{result['command']}`.",
         "",
-        "## Clustering robustness (planted modes, N = 20,000, T = 21, M = 10, K = 1000, "
-        f"{len(result['seeds'])} seeds)",
+        f"## Clustering robustness (planted modes, N = 20,000, T = 21, M = 10, K = 1000, {len(result['seeds'])} seeds)",
         "",
         "| weights | noise | method | mode agreement mean | min | reconstruction RMSE |",
         "|---|---|---|---|---|---|",
@@ -234,8 +250,9 @@ def markdown(result: dict) -> str:
     for r in result["robustness"]:
         rmse = "-" if r["rmse_mean"] is None else f"{r['rmse_mean']:.4f}"
         method = r["method"].replace("|", "\\|")  # a bare | would split the Markdown cell
-        lines.append(f"| {r['a']} | {r['noise']} | {method} | {r['agreement_mean']:.3f} | "
-                     f"{r['agreement_min']:.3f} | {rmse} |")
+        lines.append(
+            f"| {r['a']} | {r['noise']} | {method} | {r['agreement_mean']:.3f} | {r['agreement_min']:.3f} | {rmse} |"
+        )
     lines += [
         "",
         f"## Scale (N = {s['n_params']:,}, T = {s['n_snapshots']}, M = {s['n_modes']}, K = {s['n_samples']}, "
@@ -271,8 +288,13 @@ def main() -> None:
     seeds = [0] if args.quick else [0, 1, 2, 3, 4]
     result = {
         "command": "python experiments/benchmarks/cmd_core.py" + (" --quick" if args.quick else ""),
-        "machine": {"cpus": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()],
-                    "platform": platform.platform(), "numpy": np.__version__, "scipy": scipy.__version__},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "load_average": [round(x, 2) for x in os.getloadavg()],
+            "platform": platform.platform(),
+            "numpy": np.__version__,
+            "scipy": scipy.__version__,
+        },
         "seeds": seeds,
         "robustness": robustness(seeds, 20_000),
         "scale": scale(1_000_000 if args.quick else 11_200_000),

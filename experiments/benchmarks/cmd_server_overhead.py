@@ -55,21 +55,63 @@ REPO = Path(__file__).resolve().parents[2]
 LENET5_CONFIG = REPO / "experiments" / "fmnist_lenet5_cmd.toml"
 CASES = {
     "lenet5": (LENET5_CONFIG, []),
-    "resnet18": (LENET5_CONFIG, ["dataset=synthetic", "synthetic-shape=3x32x32", "synthetic-train-size=160",
-                                 "synthetic-test-size=32", "batch-size=16", "model=resnet18"]),
+    "resnet18": (
+        LENET5_CONFIG,
+        [
+            "dataset=synthetic",
+            "synthetic-shape=3x32x32",
+            "synthetic-train-size=160",
+            "synthetic-test-size=32",
+            "batch-size=16",
+            "model=resnet18",
+        ],
+    ),
 }
 QUICK_CASES = {
-    "lenet5-quick": (LENET5_CONFIG, ["dataset=synthetic", "synthetic-train-size=400", "synthetic-test-size=100",
-                                     "num-clients=4", "cmd-samples=200"]),
-    "mlp-quick": (LENET5_CONFIG, ["dataset=synthetic", "synthetic-train-size=400", "synthetic-test-size=100",
-                                  "num-clients=4", "cmd-samples=200", "model=mlp"]),
+    "lenet5-quick": (
+        LENET5_CONFIG,
+        [
+            "dataset=synthetic",
+            "synthetic-train-size=400",
+            "synthetic-test-size=100",
+            "num-clients=4",
+            "cmd-samples=200",
+        ],
+    ),
+    "mlp-quick": (
+        LENET5_CONFIG,
+        [
+            "dataset=synthetic",
+            "synthetic-train-size=400",
+            "synthetic-test-size=100",
+            "num-clients=4",
+            "cmd-samples=200",
+            "model=mlp",
+        ],
+    ),
 }
 # The server loop's calls: their inclusive times partition a round (plus untimed glue).
 LOOP = ("discover", "configure_train", "send_and_receive", "aggregate_train", "evaluate", "checkpoint")
 STRATEGY_ROOTS = ("configure_train", "aggregate_train")
-COMPONENTS = ("train_content", "encode_events", "vector_record", "accountant", "wire_size", "parse_reply",
-              "aggregate", "weighted_mean", "advance_cmd", "online_observe", "online_fit", "schedule_step",
-              "refresh_layout", "rebuild_embedded", "global_arrays", "configure_train", "aggregate_train")
+COMPONENTS = (
+    "train_content",
+    "encode_events",
+    "vector_record",
+    "accountant",
+    "wire_size",
+    "parse_reply",
+    "aggregate",
+    "weighted_mean",
+    "advance_cmd",
+    "online_observe",
+    "online_fit",
+    "schedule_step",
+    "refresh_layout",
+    "rebuild_embedded",
+    "global_arrays",
+    "configure_train",
+    "aggregate_train",
+)
 
 
 class Probe:
@@ -84,8 +126,12 @@ class Probe:
         t = self.timers
         t.wrap(fedcmd.server, "discover_nodes", "discover", before=lambda args, kw: setattr(t, "round", int(args[2])))
         t.wrap(fedcmd.server, "make_strategy", after=lambda result, *_: setattr(self, "strategy", result))
-        t.wrap(fedcmd.server, "save_checkpoint", "checkpoint",
-               after=lambda paths, *_: self.checkpoint_bytes.__setitem__(t.round, sum(map(os.path.getsize, paths))))
+        t.wrap(
+            fedcmd.server,
+            "save_checkpoint",
+            "checkpoint",
+            after=lambda paths, *_: self.checkpoint_bytes.__setitem__(t.round, sum(map(os.path.getsize, paths))),
+        )
         t.wrap(CentralEvaluator, "__call__", "evaluate")
         t.wrap(LocalGrid, "send_and_receive")
         t.wrap(fedcmd.engine, "_wire", "serialise")
@@ -131,17 +177,32 @@ def run_case(name: str, config: dict, cprofile_path: Path | None) -> dict:
         parts = timers.self_seconds(rnd, STRATEGY_ROOTS)
         loop = {label: timers.inclusive(rnd, label) for label in LOOP}
         checkpoint = loop["checkpoint"]
-        phase = ("fit" if timers.inclusive(rnd, "online_fit") > 0 else
-                 "event" if rnd in strategy.event_rounds else
-                 "warm-up" if rnd < config["cmd-warmup"] else "cmd, no event")
-        rows.append(dict(
-            round=rnd, phase=phase, round_seconds=m["round_seconds"], strategy_seconds=m["strategy_seconds"],
-            ratio=m["strategy_seconds"] / m["round_seconds"], checkpoint_seconds=checkpoint,
-            checkpoint_bytes=probe.checkpoint_bytes.get(rnd, 0),
-            ratio_with_checkpoint=m["strategy_seconds"] / (m["round_seconds"] + checkpoint),
-            embedded_fraction=m.get("embedded_fraction", float("nan")),
-            loop_seconds=loop, client_train_seconds=timers.inclusive(rnd, "client_train"),
-            serialise_seconds=timers.inclusive(rnd, "serialise"), strategy_components=parts))
+        phase = (
+            "fit"
+            if timers.inclusive(rnd, "online_fit") > 0
+            else "event"
+            if rnd in strategy.event_rounds
+            else "warm-up"
+            if rnd < config["cmd-warmup"]
+            else "cmd, no event"
+        )
+        rows.append(
+            dict(
+                round=rnd,
+                phase=phase,
+                round_seconds=m["round_seconds"],
+                strategy_seconds=m["strategy_seconds"],
+                ratio=m["strategy_seconds"] / m["round_seconds"],
+                checkpoint_seconds=checkpoint,
+                checkpoint_bytes=probe.checkpoint_bytes.get(rnd, 0),
+                ratio_with_checkpoint=m["strategy_seconds"] / (m["round_seconds"] + checkpoint),
+                embedded_fraction=m.get("embedded_fraction", float("nan")),
+                loop_seconds=loop,
+                client_train_seconds=timers.inclusive(rnd, "client_train"),
+                serialise_seconds=timers.inclusive(rnd, "serialise"),
+                strategy_components=parts,
+            )
+        )
     strategy_s = sum(r["strategy_seconds"] for r in rows)
     round_s = sum(r["round_seconds"] for r in rows)
     checkpoint_s = sum(r["checkpoint_seconds"] for r in rows)
@@ -151,59 +212,92 @@ def run_case(name: str, config: dict, cprofile_path: Path | None) -> dict:
         for label, seconds in r["strategy_components"].items():
             components[label] = components.get(label, 0.0) + seconds / len(rows)
     result = dict(
-        case=name, config=config, num_parameters=int(strategy.weights.size),
-        num_buffer_values=int(strategy.buffers.size), wall_seconds=wall,
-        final_accuracy=summary["final_accuracy"], embedded_fraction=summary.get("embedded_fraction"),
-        strategy_seconds_mean=strategy_s / len(rows), round_seconds_mean=round_s / len(rows),
+        case=name,
+        config=config,
+        num_parameters=int(strategy.weights.size),
+        num_buffer_values=int(strategy.buffers.size),
+        wall_seconds=wall,
+        final_accuracy=summary["final_accuracy"],
+        embedded_fraction=summary.get("embedded_fraction"),
+        strategy_seconds_mean=strategy_s / len(rows),
+        round_seconds_mean=round_s / len(rows),
         checkpoint_seconds_mean=checkpoint_s / len(rows),
-        ratio_of_means=strategy_s / round_s, ratio_mean=float(np.mean([r["ratio"] for r in rows])),
-        ratio_max=max(r["ratio"] for r in rows), ratio_max_round=max(rows, key=lambda r: r["ratio"])["round"],
-        ratio_of_means_without_fit=(sum(r["strategy_seconds"] for r in not_fit)
-                                    / sum(r["round_seconds"] for r in not_fit)) if not_fit else float("nan"),
+        ratio_of_means=strategy_s / round_s,
+        ratio_mean=float(np.mean([r["ratio"] for r in rows])),
+        ratio_max=max(r["ratio"] for r in rows),
+        ratio_max_round=max(rows, key=lambda r: r["ratio"])["round"],
+        ratio_of_means_without_fit=(
+            sum(r["strategy_seconds"] for r in not_fit) / sum(r["round_seconds"] for r in not_fit)
+        )
+        if not_fit
+        else float("nan"),
         ratio_with_checkpoint=strategy_s / (round_s + checkpoint_s),
         checkpoint_share_of_loop=checkpoint_s / (round_s + checkpoint_s),
-        target_ratio=0.02, meets_target=strategy_s / round_s <= 0.02,
+        target_ratio=0.02,
+        meets_target=strategy_s / round_s <= 0.02,
         strategy_components_mean=dict(sorted(components.items(), key=lambda kv: -kv[1])),
-        checkpoint_parts_bytes=checkpoint_parts(strategy), rounds=rows)
-    print(f"[{name}] strategy {result['strategy_seconds_mean']:.3f} s / round {result['round_seconds_mean']:.2f} s "
-          f"= {result['ratio_of_means']:.2%} (max {result['ratio_max']:.2%} in round {result['ratio_max_round']}); "
-          f"checkpoint {result['checkpoint_seconds_mean']:.3f} s/round", flush=True)
+        checkpoint_parts_bytes=checkpoint_parts(strategy),
+        rounds=rows,
+    )
+    print(
+        f"[{name}] strategy {result['strategy_seconds_mean']:.3f} s / round {result['round_seconds_mean']:.2f} s "
+        f"= {result['ratio_of_means']:.2%} (max {result['ratio_max']:.2%} in round {result['ratio_max_round']}); "
+        f"checkpoint {result['checkpoint_seconds_mean']:.3f} s/round",
+        flush=True,
+    )
     return result
 
 
 def markdown(result: dict) -> str:
-    lines = ["# CMD server overhead", "",
-             f"Machine: {result['machine']['cpus']} cores, load average {result['machine']['load_average']} at start "
-             "(shared: absolute seconds drift, ratios within a run are what to compare). "
-             f"Command: `{result['command']}`.", "",
-             "Strategy time = configure_train + aggregate_train (metrics.csv `strategy_seconds`); round = "
-             "`round_seconds` (discovery, strategy, clients, central evaluation); the checkpoint is written after "
-             "`round_seconds` is taken, so it is in neither.", "",
-             "| case | parameters | strategy s/round | round s/round | strategy / round | max (round) "
-             "| without fit round "
-             "| checkpoint s/round | strategy / (round + checkpoint) | target <= 2% |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# CMD server overhead",
+        "",
+        f"Machine: {result['machine']['cpus']} cores, load average {result['machine']['load_average']} at start "
+        "(shared: absolute seconds drift, ratios within a run are what to compare). "
+        f"Command: `{result['command']}`.",
+        "",
+        "Strategy time = configure_train + aggregate_train (metrics.csv `strategy_seconds`); round = "
+        "`round_seconds` (discovery, strategy, clients, central evaluation); the checkpoint is written after "
+        "`round_seconds` is taken, so it is in neither.",
+        "",
+        "| case | parameters | strategy s/round | round s/round | strategy / round | max (round) "
+        "| without fit round "
+        "| checkpoint s/round | strategy / (round + checkpoint) | target <= 2% |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for c in result["cases"]:
-        lines.append(f"| {c['case']} | {c['num_parameters']:,} | {c['strategy_seconds_mean']:.3f} | "
-                     f"{c['round_seconds_mean']:.2f} | {c['ratio_of_means']:.2%} | {c['ratio_max']:.2%} "
-                     f"({c['ratio_max_round']}) | {c['ratio_of_means_without_fit']:.2%} | "
-                     f"{c['checkpoint_seconds_mean']:.3f} | {c['ratio_with_checkpoint']:.2%} | "
-                     f"{'met' if c['meets_target'] else 'missed'} |")
+        lines.append(
+            f"| {c['case']} | {c['num_parameters']:,} | {c['strategy_seconds_mean']:.3f} | "
+            f"{c['round_seconds_mean']:.2f} | {c['ratio_of_means']:.2%} | {c['ratio_max']:.2%} "
+            f"({c['ratio_max_round']}) | {c['ratio_of_means_without_fit']:.2%} | "
+            f"{c['checkpoint_seconds_mean']:.3f} | {c['ratio_with_checkpoint']:.2%} | "
+            f"{'met' if c['meets_target'] else 'missed'} |"
+        )
     for c in result["cases"]:
         total = c["strategy_seconds_mean"]
-        lines += ["", f"## {c['case']} ({c['num_parameters']:,} parameters)", "",
-                  "| round | phase | round s | strategy s | ratio | checkpoint s | checkpoint | clients s | "
-                  "serialise s | evaluate s | largest strategy components (self s) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"## {c['case']} ({c['num_parameters']:,} parameters)",
+            "",
+            "| round | phase | round s | strategy s | ratio | checkpoint s | checkpoint | clients s | "
+            "serialise s | evaluate s | largest strategy components (self s) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in c["rounds"]:
             top = sorted(r["strategy_components"].items(), key=lambda kv: -kv[1])[:3]
-            lines.append(f"| {r['round']} | {r['phase']} | {r['round_seconds']:.2f} | {r['strategy_seconds']:.3f} | "
-                         f"{r['ratio']:.2%} | {r['checkpoint_seconds']:.3f} | {mb(r['checkpoint_bytes'])} | "
-                         f"{r['client_train_seconds']:.2f} | {r['serialise_seconds']:.3f} | "
-                         f"{r['loop_seconds']['evaluate']:.2f} | "
-                         + ", ".join(f"{k} {v:.3f}" for k, v in top) + " |")
-        lines += ["", "Strategy time by component (self time, mean over rounds):", "",
-                  "| component | s/round | share of strategy time |", "|---|---|---|"]
+            lines.append(
+                f"| {r['round']} | {r['phase']} | {r['round_seconds']:.2f} | {r['strategy_seconds']:.3f} | "
+                f"{r['ratio']:.2%} | {r['checkpoint_seconds']:.3f} | {mb(r['checkpoint_bytes'])} | "
+                f"{r['client_train_seconds']:.2f} | {r['serialise_seconds']:.3f} | "
+                f"{r['loop_seconds']['evaluate']:.2f} | " + ", ".join(f"{k} {v:.3f}" for k, v in top) + " |"
+            )
+        lines += [
+            "",
+            "Strategy time by component (self time, mean over rounds):",
+            "",
+            "| component | s/round | share of strategy time |",
+            "|---|---|---|",
+        ]
         for label, seconds in c["strategy_components_mean"].items():
             lines.append(f"| {label} | {seconds:.4f} | {seconds / total:.1%} |")
         lines += ["", "Checkpoint by part (after the last round):", "", "| part | bytes |", "|---|---|"]
@@ -224,8 +318,9 @@ def plot(result: dict, path: Path) -> None:
         rounds = [r["round"] for r in c["rounds"]]
         axes[0].plot(rounds, [100 * r["ratio"] for r in c["rounds"]], marker=".", label=c["case"])
     axes[0].axhline(2.0, color="k", ls="--", lw=0.8, label="target 2%")
-    axes[0].set(xlabel="round", ylabel="strategy / round wall time (%)", yscale="log",
-                title="CMD strategy share of each round")
+    axes[0].set(
+        xlabel="round", ylabel="strategy / round wall time (%)", yscale="log", title="CMD strategy share of each round"
+    )
     for set_formatter in (axes[0].yaxis.set_major_formatter, axes[0].yaxis.set_minor_formatter):
         set_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     axes[0].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
@@ -234,10 +329,10 @@ def plot(result: dict, path: Path) -> None:
     colours = plt.cm.tab20(np.linspace(0, 1, max(len(labels), 1)))
     bottom = np.zeros(len(result["cases"]))
     for label, colour in zip(labels, colours):
-        values = np.array([c["strategy_components_mean"].get(label, 0.0) / c["strategy_seconds_mean"]
-                           for c in result["cases"]])
-        axes[1].bar([c["case"] for c in result["cases"]], 100 * values, bottom=100 * bottom, label=label,
-                    color=colour)
+        values = np.array(
+            [c["strategy_components_mean"].get(label, 0.0) / c["strategy_seconds_mean"] for c in result["cases"]]
+        )
+        axes[1].bar([c["case"] for c in result["cases"]], 100 * values, bottom=100 * bottom, label=label, color=colour)
         bottom += values
     axes[1].set(ylabel="% of strategy time", title="strategy time by component (self time)")
     axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -266,8 +361,9 @@ def main() -> None:
     result = {"command": command_line(), "machine": machine(), "cases": []}
     for name in names:
         config_path, overrides = cases[name]
-        config = load_config(config_path, [*overrides, f"num-server-rounds={rounds}", f"cmd-warmup={warmup}",
-                                           *args.set])
+        config = load_config(
+            config_path, [*overrides, f"num-server-rounds={rounds}", f"cmd-warmup={warmup}", *args.set]
+        )
         profile = args.out.with_name(f"{args.out.stem}_{name}_cprofile.txt") if args.cprofile else None
         result["cases"].append(run_case(name, config, profile))
     text = markdown(result)

@@ -27,9 +27,14 @@ from benchtools import command_line, machine, write_outputs
 
 from fedcmd.codecs import Codec, describe
 
-CASES = (("none", Codec("none")), ("fp16", Codec("fp16")), ("bf16", Codec("bf16")),
-         ("int8 (chunk 1024)", Codec("int8", chunk=1024)), ("topk 0.01", Codec("topk", fraction=0.01)),
-         ("topk 0.1", Codec("topk", fraction=0.1)))
+CASES = (
+    ("none", Codec("none")),
+    ("fp16", Codec("fp16")),
+    ("bf16", Codec("bf16")),
+    ("int8 (chunk 1024)", Codec("int8", chunk=1024)),
+    ("topk 0.01", Codec("topk", fraction=0.01)),
+    ("topk 0.1", Codec("topk", fraction=0.1)),
+)
 TARGET_SECONDS = 0.1
 
 
@@ -47,9 +52,16 @@ def time_codec(codec: Codec, x: np.ndarray, repeats: int) -> dict[str, float]:
     n, payload = describe(arrays)
     if n != x.size:
         raise RuntimeError(f"describe says {n} values, the vector has {x.size}")
-    return {"encode_seconds": encode, "decode_seconds": decode, "seconds": encode + decode,
-            "payload_bytes": payload, "bits_per_value": 8 * payload / x.size, "arrays": sorted(arrays),
-            "max_abs_error": float(np.abs(decoded - x).max()), "all_seconds": [e + d for e, d in runs[1:]]}
+    return {
+        "encode_seconds": encode,
+        "decode_seconds": decode,
+        "seconds": encode + decode,
+        "payload_bytes": payload,
+        "bits_per_value": 8 * payload / x.size,
+        "arrays": sorted(arrays),
+        "max_abs_error": float(np.abs(decoded - x).max()),
+        "all_seconds": [e + d for e, d in runs[1:]],
+    }
 
 
 def main() -> None:
@@ -64,25 +76,43 @@ def main() -> None:
     for label, codec in CASES:
         rows.append({"codec": label, **time_codec(codec, x, args.repeats)})
         r = rows[-1]
-        print(f"{label:>18}: encode {r['encode_seconds']:.3f} s + decode {r['decode_seconds']:.3f} s = "
-              f"{r['seconds']:.3f} s, {r['bits_per_value']:.2f} bits per value", flush=True)
-    result = {"command": command_line(), "machine": machine(), "values": args.values, "repeats": args.repeats,
-              "target_seconds": TARGET_SECONDS, "threads": {"torch": torch.get_num_threads(),
-                                                            "OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"]},
-              "rows": rows}
-    lines = [f"# Wire codecs: encode + decode of {args.values:,} float32 values", "",
-             f"`nice -n -10 {result['command']}`", "",
-             "| codec | encode (s) | decode (s) | total (s) | within 0.1 s | bits per value | arrays | max abs error |",
-             "|---|---:|---:|---:|:---:|---:|---|---:|"]
-    lines += [f"| {r['codec']} | {r['encode_seconds']:.3f} | {r['decode_seconds']:.3f} | {r['seconds']:.3f} | "
-              f"{'yes' if r['seconds'] <= TARGET_SECONDS else 'no'} | {r['bits_per_value']:.2f} | "
-              f"{', '.join(r['arrays'])} | {r['max_abs_error']:.2g} |" for r in rows]
+        print(
+            f"{label:>18}: encode {r['encode_seconds']:.3f} s + decode {r['decode_seconds']:.3f} s = "
+            f"{r['seconds']:.3f} s, {r['bits_per_value']:.2f} bits per value",
+            flush=True,
+        )
+    result = {
+        "command": command_line(),
+        "machine": machine(),
+        "values": args.values,
+        "repeats": args.repeats,
+        "target_seconds": TARGET_SECONDS,
+        "threads": {"torch": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"]},
+        "rows": rows,
+    }
+    lines = [
+        f"# Wire codecs: encode + decode of {args.values:,} float32 values",
+        "",
+        f"`nice -n -10 {result['command']}`",
+        "",
+        "| codec | encode (s) | decode (s) | total (s) | within 0.1 s | bits per value | arrays | max abs error |",
+        "|---|---:|---:|---:|:---:|---:|---|---:|",
+    ]
+    lines += [
+        f"| {r['codec']} | {r['encode_seconds']:.3f} | {r['decode_seconds']:.3f} | {r['seconds']:.3f} | "
+        f"{'yes' if r['seconds'] <= TARGET_SECONDS else 'no'} | {r['bits_per_value']:.2f} | "
+        f"{', '.join(r['arrays'])} | {r['max_abs_error']:.2g} |"
+        for r in rows
+    ]
     m = result["machine"]
-    lines += ["", f"Vector: normal values of scale 1e-3 (an update's size). Best of {args.repeats} encode + decode "
-              f"pairs after a warm-up; bits per value = 8 * payload bytes / n. Machine: {m['cpus']} cores, "
-              f"run beside two niced experiment processes (load average {m['load_average']}), numpy "
-              f"{m['numpy']} and torch {m['torch']} single-threaded (OMP_NUM_THREADS=1, "
-              "torch.set_num_threads(1))."]
+    lines += [
+        "",
+        f"Vector: normal values of scale 1e-3 (an update's size). Best of {args.repeats} encode + decode "
+        f"pairs after a warm-up; bits per value = 8 * payload bytes / n. Machine: {m['cpus']} cores, "
+        f"run beside two niced experiment processes (load average {m['load_average']}), numpy "
+        f"{m['numpy']} and torch {m['torch']} single-threaded (OMP_NUM_THREADS=1, "
+        "torch.set_num_threads(1)).",
+    ]
     write_outputs(args.out, result, "\n".join(lines) + "\n")
 
 

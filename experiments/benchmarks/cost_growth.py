@@ -65,10 +65,23 @@ def fake_layouts(n_params: int) -> tuple[ParamLayout, ParamLayout]:
 
 
 def cmd_config(n_clients: int, warmup: int) -> dict:
-    return resolve({"strategy": "cmd", "model": "mlp", "dataset": "synthetic", "num-clients": n_clients,
-                    "fraction-train": 1.0, "cmd-warmup": warmup, "cmd-every": 1, "cmd-fraction": 0.15,
-                    "cmd-of-remaining": True, "cmd-max-embedded": 0.9, "cmd-modes": 10, "cmd-samples": 1000,
-                    "seed": 0})
+    return resolve(
+        {
+            "strategy": "cmd",
+            "model": "mlp",
+            "dataset": "synthetic",
+            "num-clients": n_clients,
+            "fraction-train": 1.0,
+            "cmd-warmup": warmup,
+            "cmd-every": 1,
+            "cmd-fraction": 0.15,
+            "cmd-of-remaining": True,
+            "cmd-max-embedded": 0.9,
+            "cmd-modes": 10,
+            "cmd-samples": 1000,
+            "seed": 0,
+        }
+    )
 
 
 class PlantedTrajectory:
@@ -138,17 +151,30 @@ def run_rounds(n_params: int, n_clients: int, warmup: int, events: int, timers: 
             t2 = time.perf_counter()
             strategy.aggregate_train(rnd, replies)
             t3 = time.perf_counter()
-            row = dict(round=rnd, configure_seconds=t1 - t0, aggregate_seconds=t3 - t2,
-                       server_seconds=(t1 - t0) + (t3 - t2),
-                       accepted=len(strategy.rounds[rnd].accepted), version=strategy.version,
-                       embedded_fraction=float(strategy.embedded.mean()),
-                       phase=("fit" if timers.inclusive(rnd, "online_fit") > 0 else
-                              "event" if rnd in strategy.event_rounds else
-                              "warm-up" if rnd < warmup else "cmd, no event"),
-                       components=timers.self_seconds(rnd, STRATEGY_ROOTS))
+            row = dict(
+                round=rnd,
+                configure_seconds=t1 - t0,
+                aggregate_seconds=t3 - t2,
+                server_seconds=(t1 - t0) + (t3 - t2),
+                accepted=len(strategy.rounds[rnd].accepted),
+                version=strategy.version,
+                embedded_fraction=float(strategy.embedded.mean()),
+                phase=(
+                    "fit"
+                    if timers.inclusive(rnd, "online_fit") > 0
+                    else "event"
+                    if rnd in strategy.event_rounds
+                    else "warm-up"
+                    if rnd < warmup
+                    else "cmd, no event"
+                ),
+                components=timers.self_seconds(rnd, STRATEGY_ROOTS),
+            )
             if row["accepted"] != n_clients:
-                raise RuntimeError(f"round {rnd}: {row['accepted']} of {n_clients} replies accepted: "
-                                   f"{strategy.rounds[rnd].rejected[:2]}")
+                raise RuntimeError(
+                    f"round {rnd}: {row['accepted']} of {n_clients} replies accepted: "
+                    f"{strategy.rounds[rnd].rejected[:2]}"
+                )
             if trace:
                 row["peak_extra_bytes"] = tracemalloc.get_traced_memory()[1] - at_start
                 del messages, replies, theta
@@ -170,46 +196,63 @@ def summarise(n_params: int, n_clients: int, timing: list[dict], memory: list[di
     for r in event:
         for label, seconds in r["components"].items():
             components[label] = components.get(label, 0.0) + seconds / len(event)
-    out = dict(n_params=n_params, clients=n_clients,
-               event_round_seconds=float(np.mean([r["server_seconds"] for r in event])),
-               event_configure_seconds=float(np.mean([r["configure_seconds"] for r in event])),
-               event_aggregate_seconds=float(np.mean([r["aggregate_seconds"] for r in event])),
-               fit_round_seconds=fit["server_seconds"],
-               warmup_round_seconds=float(np.mean(warm)) if warm else float("nan"),
-               event_components=dict(sorted(components.items(), key=lambda kv: -kv[1])),
-               timing_rounds=timing)
+    out = dict(
+        n_params=n_params,
+        clients=n_clients,
+        event_round_seconds=float(np.mean([r["server_seconds"] for r in event])),
+        event_configure_seconds=float(np.mean([r["configure_seconds"] for r in event])),
+        event_aggregate_seconds=float(np.mean([r["aggregate_seconds"] for r in event])),
+        fit_round_seconds=fit["server_seconds"],
+        warmup_round_seconds=float(np.mean(warm)) if warm else float("nan"),
+        event_components=dict(sorted(components.items(), key=lambda kv: -kv[1])),
+        timing_rounds=timing,
+    )
     out["ns_per_client_weight"] = 1e9 * out["event_round_seconds"] / (n_clients * n_params)
     if memory is not None:
-        out.update(peak_extra_bytes_event=max(r["peak_extra_bytes"] for r in memory if r["phase"] == "event"),
-                   peak_extra_bytes_fit=next(r["peak_extra_bytes"] for r in memory if r["phase"] == "fit"),
-                   held_bytes_end=memory[-1]["held_after_bytes"], memory_rounds=memory)
+        out.update(
+            peak_extra_bytes_event=max(r["peak_extra_bytes"] for r in memory if r["phase"] == "event"),
+            peak_extra_bytes_fit=next(r["peak_extra_bytes"] for r in memory if r["phase"] == "fit"),
+            held_bytes_end=memory[-1]["held_after_bytes"],
+            memory_rounds=memory,
+        )
         out["peak_total_bytes"] = max(r["held_after_bytes"] + r["peak_extra_bytes"] for r in memory)
         out["held_bytes_per_weight"] = out["held_bytes_end"] / n_params
     return out
 
 
 def markdown(result: dict) -> str:
-    lines = ["# CMD server cost against model size N and clients per round C", "",
-             f"Machine: {result['machine']['cpus']} cores, load average {result['machine']['load_average']} at start "
-             "(shared: absolute times drift). "
-             f"Command: `{result['command']}`. cmd-warmup {result['warmup']}, {result['events']} embedding events "
-             "(15% of the remaining weights each), 10 modes, K = 1000 samples.", "",
-             "Server seconds = configure_train + aggregate_train (replies generated outside). \"Event round\": mean "
-             "over the rounds that embed; \"peak extra\": traced peak above what the round started with (messages, "
-             "replies, temporaries); \"held\": traced memory after the last round (the strategy's state).", "",
-             "| N | C | event round s | configure / aggregate s | ns per client-weight | fit round s | warm-up round s "
-             "| peak extra, event round | peak extra, fit round | held after | held B/weight "
-             "| top components (event rounds) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# CMD server cost against model size N and clients per round C",
+        "",
+        f"Machine: {result['machine']['cpus']} cores, load average {result['machine']['load_average']} at start "
+        "(shared: absolute times drift). "
+        f"Command: `{result['command']}`. cmd-warmup {result['warmup']}, {result['events']} embedding events "
+        "(15% of the remaining weights each), 10 modes, K = 1000 samples.",
+        "",
+        'Server seconds = configure_train + aggregate_train (replies generated outside). "Event round": mean '
+        'over the rounds that embed; "peak extra": traced peak above what the round started with (messages, '
+        'replies, temporaries); "held": traced memory after the last round (the strategy\'s state).',
+        "",
+        "| N | C | event round s | configure / aggregate s | ns per client-weight | fit round s | warm-up round s "
+        "| peak extra, event round | peak extra, fit round | held after | held B/weight "
+        "| top components (event rounds) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in result["configs"]:
         top = ", ".join(f"{k} {v:.3f}" for k, v in list(r["event_components"].items())[:3])
-        memory = (f"{mb(r['peak_extra_bytes_event'])} | {mb(r['peak_extra_bytes_fit'])} | {mb(r['held_bytes_end'])} | "
-                  f"{r['held_bytes_per_weight']:.1f}" if "held_bytes_end" in r else "- | - | - | -")
-        lines.append(f"| {r['n_params']:,} | {r['clients']} | {r['event_round_seconds']:.3f} | "
-                     f"{r['event_configure_seconds']:.3f} / {r['event_aggregate_seconds']:.3f} | "
-                     f"{r['ns_per_client_weight']:.2f} | {r['fit_round_seconds']:.3f} | "
-                     f"{r['warmup_round_seconds']:.3f} | "
-                     f"{memory} | {top} |")
+        memory = (
+            f"{mb(r['peak_extra_bytes_event'])} | {mb(r['peak_extra_bytes_fit'])} | {mb(r['held_bytes_end'])} | "
+            f"{r['held_bytes_per_weight']:.1f}"
+            if "held_bytes_end" in r
+            else "- | - | - | -"
+        )
+        lines.append(
+            f"| {r['n_params']:,} | {r['clients']} | {r['event_round_seconds']:.3f} | "
+            f"{r['event_configure_seconds']:.3f} / {r['event_aggregate_seconds']:.3f} | "
+            f"{r['ns_per_client_weight']:.2f} | {r['fit_round_seconds']:.3f} | "
+            f"{r['warmup_round_seconds']:.3f} | "
+            f"{memory} | {top} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -224,17 +267,37 @@ def plot(result: dict, path: Path) -> None:
     for clients in sorted({r["clients"] for r in configs}):
         rows = sorted((r for r in configs if r["clients"] == clients), key=lambda r: r["n_params"])
         n = [r["n_params"] for r in rows]
-        line, = axes[0].plot(n, [r["event_round_seconds"] for r in rows], marker="o", label=f"C = {clients}")
+        (line,) = axes[0].plot(n, [r["event_round_seconds"] for r in rows], marker="o", label=f"C = {clients}")
         axes[0].plot(n, [r["fit_round_seconds"] for r in rows], ls="--", color=line.get_color(), alpha=0.6)
         if all("held_bytes_end" in r for r in rows):
-            axes[1].plot(n, [(r["held_bytes_end"] + r["peak_extra_bytes_event"]) / 1e6 for r in rows], marker="o",
-                         color=line.get_color(), label=f"C = {clients}, event round")
-            axes[1].plot(n, [(r["held_bytes_end"] + r["peak_extra_bytes_fit"]) / 1e6 for r in rows], ls="--",
-                         color=line.get_color(), alpha=0.6)
-    axes[0].set(xscale="log", yscale="log", xlabel="weights N", ylabel="server seconds per round",
-                title="time: event round (solid), fit round (dashed)")
-    axes[1].set(xscale="log", yscale="log", xlabel="weights N", ylabel="MB (tracemalloc)",
-                title="memory: held + round peak (dashed: fit round)")
+            axes[1].plot(
+                n,
+                [(r["held_bytes_end"] + r["peak_extra_bytes_event"]) / 1e6 for r in rows],
+                marker="o",
+                color=line.get_color(),
+                label=f"C = {clients}, event round",
+            )
+            axes[1].plot(
+                n,
+                [(r["held_bytes_end"] + r["peak_extra_bytes_fit"]) / 1e6 for r in rows],
+                ls="--",
+                color=line.get_color(),
+                alpha=0.6,
+            )
+    axes[0].set(
+        xscale="log",
+        yscale="log",
+        xlabel="weights N",
+        ylabel="server seconds per round",
+        title="time: event round (solid), fit round (dashed)",
+    )
+    axes[1].set(
+        xscale="log",
+        yscale="log",
+        xlabel="weights N",
+        ylabel="MB (tracemalloc)",
+        title="memory: held + round peak (dashed: fit round)",
+    )
     for ax in axes:
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
@@ -269,11 +332,18 @@ def main() -> None:
                 memory = None if args.no_memory else run_rounds(n_params, n_clients, warmup, events, timers, trace=True)
                 row = summarise(n_params, n_clients, timing, memory)
                 result["configs"].append(row)
-                print(f"N = {n_params:,}, C = {n_clients}: event round {row['event_round_seconds']:.3f} s "
-                      f"({row['ns_per_client_weight']:.2f} ns per client-weight), "
-                      f"fit round {row['fit_round_seconds']:.3f} s"
-                      + (f"; held {mb(row['held_bytes_end'])}, peak extra {mb(row['peak_extra_bytes_event'])} "
-                         f"(fit {mb(row['peak_extra_bytes_fit'])})" if memory else ""), flush=True)
+                print(
+                    f"N = {n_params:,}, C = {n_clients}: event round {row['event_round_seconds']:.3f} s "
+                    f"({row['ns_per_client_weight']:.2f} ns per client-weight), "
+                    f"fit round {row['fit_round_seconds']:.3f} s"
+                    + (
+                        f"; held {mb(row['held_bytes_end'])}, peak extra {mb(row['peak_extra_bytes_event'])} "
+                        f"(fit {mb(row['peak_extra_bytes_fit'])})"
+                        if memory
+                        else ""
+                    ),
+                    flush=True,
+                )
                 write_outputs(args.out, result, markdown(result))
     finally:
         timers.restore()

@@ -81,8 +81,16 @@ def timed_grid(grid: LocalGrid) -> list[float]:
 
 def time_discovery(num_clients: int) -> dict[str, float]:
     # Tiny generated data and model: discovery never touches them, the strategy just needs a model.
-    config = resolve({"dataset": "synthetic", "synthetic-train-size": num_clients, "synthetic-test-size": 10,
-                      "synthetic-shape": "1x4x4", "model": "mlp", "num-clients": num_clients})
+    config = resolve(
+        {
+            "dataset": "synthetic",
+            "synthetic-train-size": num_clients,
+            "synthetic-test-size": 10,
+            "synthetic-shape": "1x4x4",
+            "model": "mlp",
+            "num-clients": num_clients,
+        }
+    )
     strategy = make_strategy(config)
     grid = LocalGrid(client_app, num_clients)
     in_grid = timed_grid(grid)
@@ -121,27 +129,45 @@ def main() -> None:
             runs.append(time_discovery(n))
             floors.append(time_floor(n))
         row = {"clients": n, **min(runs, key=lambda r: r["seconds"]), "floor_seconds": min(floors)}
-        row.update(server_share=row["server_seconds"] / row["seconds"], over_floor_seconds=row["seconds"] - min(floors),
-                   us_per_node=1e6 * row["seconds"] / n, server_us_per_node=1e6 * row["server_seconds"] / n,
-                   all_seconds=[r["seconds"] for r in runs], all_server_seconds=[r["server_seconds"] for r in runs],
-                   all_floor_seconds=floors)
+        row.update(
+            server_share=row["server_seconds"] / row["seconds"],
+            over_floor_seconds=row["seconds"] - min(floors),
+            us_per_node=1e6 * row["seconds"] / n,
+            server_us_per_node=1e6 * row["server_seconds"] / n,
+            all_seconds=[r["seconds"] for r in runs],
+            all_server_seconds=[r["server_seconds"] for r in runs],
+            all_floor_seconds=floors,
+        )
         rows.append(row)
-        print(f"{n:>6} clients: {row['seconds']:.3f} s (grid {row['grid_seconds']:.3f} s, server "
-              f"{row['server_seconds']:.3f} s = {100 * row['server_share']:.0f}%), Flower floor "
-              f"{row['floor_seconds']:.3f} s, {row['us_per_node']:.0f} us per node", flush=True)
-    result = {"command": command_line(), "machine": machine(), "repeats": args.repeats, "note": args.note,
-              "rows": rows}
-    lines = ["# Node discovery, in-process grid", "", f"`{result['command']}`", "",
-             "| clients | discovery (s) | grid: transport + ClientApp (s) | server (s) | server share | "
-             "Flower floor (s) | over the floor (s) | us per node |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['clients']:,} | {r['seconds']:.3f} | {r['grid_seconds']:.3f} | {r['server_seconds']:.3f} | "
-              f"{100 * r['server_share']:.0f}% | {r['floor_seconds']:.3f} | {r['over_floor_seconds']:.3f} | "
-              f"{r['us_per_node']:.0f} |" for r in rows]
-    lines += ["", f"Discovery: the best of {args.repeats} runs each (grid and server are that run's split); "
-              f"Flower floor: the best of {args.repeats} runs of the exchange without server code, each "
-              f"run right after a discovery run. Machine: {result['machine']['cpus']} CPUs, load average "
-              f"{result['machine']['load_average']}." + (f" {args.note}" if args.note else "")]
+        print(
+            f"{n:>6} clients: {row['seconds']:.3f} s (grid {row['grid_seconds']:.3f} s, server "
+            f"{row['server_seconds']:.3f} s = {100 * row['server_share']:.0f}%), Flower floor "
+            f"{row['floor_seconds']:.3f} s, {row['us_per_node']:.0f} us per node",
+            flush=True,
+        )
+    result = {"command": command_line(), "machine": machine(), "repeats": args.repeats, "note": args.note, "rows": rows}
+    lines = [
+        "# Node discovery, in-process grid",
+        "",
+        f"`{result['command']}`",
+        "",
+        "| clients | discovery (s) | grid: transport + ClientApp (s) | server (s) | server share | "
+        "Flower floor (s) | over the floor (s) | us per node |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['clients']:,} | {r['seconds']:.3f} | {r['grid_seconds']:.3f} | {r['server_seconds']:.3f} | "
+        f"{100 * r['server_share']:.0f}% | {r['floor_seconds']:.3f} | {r['over_floor_seconds']:.3f} | "
+        f"{r['us_per_node']:.0f} |"
+        for r in rows
+    ]
+    lines += [
+        "",
+        f"Discovery: the best of {args.repeats} runs each (grid and server are that run's split); "
+        f"Flower floor: the best of {args.repeats} runs of the exchange without server code, each "
+        f"run right after a discovery run. Machine: {result['machine']['cpus']} CPUs, load average "
+        f"{result['machine']['load_average']}." + (f" {args.note}" if args.note else ""),
+    ]
     write_outputs(args.out, result, "\n".join(lines) + "\n")
 
 

@@ -41,9 +41,17 @@ def plain_fedavg(config: dict) -> tuple[float, float]:
         for pid in sample_cohort(config["num-clients"], config["fraction-train"], config["seed"], rnd):
             x, y = task.client_data(config, int(pid))
             layout.load(model, theta)
-            train(model, x, y, epochs=config["local-epochs"], batch_size=config["batch-size"], lr=config["lr"],
-                  momentum=config["momentum"], weight_decay=config["weight-decay"],
-                  seed=local_seed(config["seed"], rnd, int(pid)))
+            train(
+                model,
+                x,
+                y,
+                epochs=config["local-epochs"],
+                batch_size=config["batch-size"],
+                lr=config["lr"],
+                momentum=config["momentum"],
+                weight_decay=config["weight-decay"],
+                seed=local_seed(config["seed"], rnd, int(pid)),
+            )
             total += len(y) * layout.flatten(model)
             weight += len(y)
         theta = (total / weight).astype(np.float32)
@@ -63,18 +71,32 @@ def main() -> None:
     task.partitions(config)  # data decoding and partitioning are set-up, not training: keep them out of both
     plain_s, plain_acc = plain_fedavg(config)
     print(f"plain single process: {plain_s:.1f} s, final accuracy {plain_acc:.4f}", flush=True)
-    result = dict(config=args.config, overrides=args.set, cpus=os.cpu_count(), python=platform.python_version(),
-                  torch=torch.__version__, plain_seconds=plain_s, plain_final_accuracy=plain_acc, engines={})
+    result = dict(
+        config=args.config,
+        overrides=args.set,
+        cpus=os.cpu_count(),
+        python=platform.python_version(),
+        torch=torch.__version__,
+        plain_seconds=plain_s,
+        plain_final_accuracy=plain_acc,
+        engines={},
+    )
     for engine in args.engine or ["ray"]:
         with tempfile.TemporaryDirectory() as out:
             start = time.perf_counter()
             summary = (run_ray if engine == "ray" else run_inprocess)(config, out, progress=False)
             fl_s = time.perf_counter() - start
-        result["engines"][engine] = dict(seconds=fl_s, ratio=fl_s / plain_s, final_accuracy=summary["final_accuracy"],
-                                         round_seconds_mean=summary["round_seconds_mean"],
-                                         strategy_seconds_mean=summary["strategy_seconds_mean"])
-        print(f"{engine}: {fl_s:.1f} s, ratio {fl_s / plain_s:.2f}, final accuracy {summary['final_accuracy']:.4f}",
-              flush=True)
+        result["engines"][engine] = dict(
+            seconds=fl_s,
+            ratio=fl_s / plain_s,
+            final_accuracy=summary["final_accuracy"],
+            round_seconds_mean=summary["round_seconds_mean"],
+            strategy_seconds_mean=summary["strategy_seconds_mean"],
+        )
+        print(
+            f"{engine}: {fl_s:.1f} s, ratio {fl_s / plain_s:.2f}, final accuracy {summary['final_accuracy']:.4f}",
+            flush=True,
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

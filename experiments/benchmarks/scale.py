@@ -63,15 +63,18 @@ def store_figures(stores: list[tuple[int, int, int]]) -> dict:
     per_client = [nbytes / embedded for embedded, nbytes, _ in holding]
     embedded = sum(s[0] for s in holding)
     return dict(
-        clients_with_store=len(stores), clients_with_embedded=len(holding),
+        clients_with_store=len(stores),
+        clients_with_embedded=len(holding),
         clients_with_empty_store=len(stores) - len(holding),
         empty_store_bytes_each=next((nbytes for embedded, nbytes, _ in stores if embedded == 0), None),
-        embedded_total=embedded, nbytes_total=sum(s[1] for s in holding),
+        embedded_total=embedded,
+        nbytes_total=sum(s[1] for s in holding),
         bytes_per_embedded=sum(s[1] for s in holding) / embedded if embedded else float("nan"),
         stored_bytes_per_embedded=sum(s[2] for s in holding) / embedded if embedded else float("nan"),
         per_client_min=min(per_client, default=float("nan")),
         per_client_median=float(np.median(per_client)) if per_client else float("nan"),
-        per_client_max=max(per_client, default=float("nan")))
+        per_client_max=max(per_client, default=float("nan")),
+    )
 
 
 def measured_stores(grid: LocalGrid, n_params: int) -> list[tuple[int, int, int]]:
@@ -99,8 +102,9 @@ def derived_stores(strategy) -> list[tuple[int, int, int]]:
 
 def run(config: dict, engine: str) -> dict:
     timers = PhaseTimers()
-    timers.wrap(fedcmd.server, "discover_nodes", "discover",
-                before=lambda args, kw: setattr(timers, "round", int(args[2])))
+    timers.wrap(
+        fedcmd.server, "discover_nodes", "discover", before=lambda args, kw: setattr(timers, "round", int(args[2]))
+    )
     timers.wrap(fedcmd.server, "save_checkpoint", "checkpoint")
     server = {}  # the strategy the server loop drives (it runs in this process with either engine)
     timers.wrap(fedcmd.server, "make_strategy", after=lambda result, *_: server.__setitem__("strategy", result))
@@ -128,65 +132,105 @@ def run(config: dict, engine: str) -> dict:
         rnd = int(m["round"])
         discover, evaluate = timers.inclusive(rnd, "discover"), timers.inclusive(rnd, "evaluate")
         others = m["round_seconds"] - m["strategy_seconds"] - discover - evaluate
-        rounds.append(dict(round=rnd, round_seconds=m["round_seconds"], strategy_seconds=m["strategy_seconds"],
-                           discover_seconds=discover, evaluate_seconds=evaluate,
-                           clients_and_transport_seconds=others,
-                           checkpoint_seconds=timers.inclusive(rnd, "checkpoint"), accepted=int(m["accepted"]),
-                           embedded_fraction=m["embedded_fraction"], store_version=int(m["store_version"])))
+        rounds.append(
+            dict(
+                round=rnd,
+                round_seconds=m["round_seconds"],
+                strategy_seconds=m["strategy_seconds"],
+                discover_seconds=discover,
+                evaluate_seconds=evaluate,
+                clients_and_transport_seconds=others,
+                checkpoint_seconds=timers.inclusive(rnd, "checkpoint"),
+                accepted=int(m["accepted"]),
+                embedded_fraction=m["embedded_fraction"],
+                store_version=int(m["store_version"]),
+            )
+        )
     n = int(strategy.weights.size)
-    result = dict(engine=engine, config=config, num_parameters=n, wall_seconds=wall,
-                  final_accuracy=summary["final_accuracy"], embedded_fraction=summary["embedded_fraction"],
-                  embedding_events=summary["embedding_events"], replies_rejected=summary["replies_rejected"],
-                  round_seconds_mean=float(np.mean([r["round_seconds"] for r in rounds])),
-                  strategy_seconds_mean=float(np.mean([r["strategy_seconds"] for r in rounds])),
-                  memory_peak_tree=sampler.peak, memory_samples=sampler.samples, rusage_peak=rusage_peaks(),
-                  store_from_server_log=store_figures(derived_stores(strategy)), rounds=rounds, target_store_bytes=10.0)
+    result = dict(
+        engine=engine,
+        config=config,
+        num_parameters=n,
+        wall_seconds=wall,
+        final_accuracy=summary["final_accuracy"],
+        embedded_fraction=summary["embedded_fraction"],
+        embedding_events=summary["embedding_events"],
+        replies_rejected=summary["replies_rejected"],
+        round_seconds_mean=float(np.mean([r["round_seconds"] for r in rounds])),
+        strategy_seconds_mean=float(np.mean([r["strategy_seconds"] for r in rounds])),
+        memory_peak_tree=sampler.peak,
+        memory_samples=sampler.samples,
+        rusage_peak=rusage_peaks(),
+        store_from_server_log=store_figures(derived_stores(strategy)),
+        rounds=rounds,
+        target_store_bytes=10.0,
+    )
     if grid is not None:
         result["store_measured"] = store_figures(measured_stores(grid, n))
     store = result.get("store_measured", result["store_from_server_log"])
-    print(f"[{engine}] {wall:.1f} s; peak tree RSS {mb(sampler.peak['rss'])}, PSS {mb(sampler.peak['pss'])}; "
-          f"client store {store['bytes_per_embedded']:.3f} B per embedded parameter "
-          f"({store['clients_with_embedded']} clients)", flush=True)
+    print(
+        f"[{engine}] {wall:.1f} s; peak tree RSS {mb(sampler.peak['rss'])}, PSS {mb(sampler.peak['pss'])}; "
+        f"client store {store['bytes_per_embedded']:.3f} B per embedded parameter "
+        f"({store['clients_with_embedded']} clients)",
+        flush=True,
+    )
     return result
 
 
 def markdown(result: dict) -> str:
     r, c = result["run"], result["run"]["config"]
-    lines = ["# Scale: many simulated clients, federated CMD", "",
-             f"Machine: {result['machine']['cpus']} cores, load average {result['machine']['load_average']} at start. "
-             f"Command: `{result['command']}`.", "",
-             f"{c['num-clients']} clients, {c['fraction-train']} sampled per round, {c['num-server-rounds']} rounds, "
-             f"cmd-warmup {c['cmd-warmup']}, {c['model']} ({r['num_parameters']:,} parameters) on {c['dataset']}, "
-             f"engine {r['engine']}.", "",
-             "| measure | value | target |", "|---|---|---|",
-             f"| wall time | {r['wall_seconds']:.1f} s | - |",
-             f"| round / strategy seconds, mean | {r['round_seconds_mean']:.2f} / "
-             f"{r['strategy_seconds_mean']:.3f} | - |",
-             f"| peak memory, process tree RSS (sampled) | {mb(r['memory_peak_tree']['rss'])} "
-             f"({r['memory_peak_tree']['processes']} processes) | - |",
-             f"| peak memory, process tree PSS (sampled) | {mb(r['memory_peak_tree']['pss'])} | - |",
-             f"| peak RSS of this process / largest child (getrusage) | {mb(r['rusage_peak']['self'])} / "
-             f"{mb(r['rusage_peak']['children_max'])} | - |",
-             f"| final accuracy / embedded fraction | {r['final_accuracy']:.4f} / {r['embedded_fraction']:.3f} | - |"]
-    for key, title in (("store_measured", "client store, measured in context.state"),
-                       ("store_from_server_log", "client store, derived from the server's log")):
+    lines = [
+        "# Scale: many simulated clients, federated CMD",
+        "",
+        f"Machine: {result['machine']['cpus']} cores, load average {result['machine']['load_average']} at start. "
+        f"Command: `{result['command']}`.",
+        "",
+        f"{c['num-clients']} clients, {c['fraction-train']} sampled per round, {c['num-server-rounds']} rounds, "
+        f"cmd-warmup {c['cmd-warmup']}, {c['model']} ({r['num_parameters']:,} parameters) on {c['dataset']}, "
+        f"engine {r['engine']}.",
+        "",
+        "| measure | value | target |",
+        "|---|---|---|",
+        f"| wall time | {r['wall_seconds']:.1f} s | - |",
+        f"| round / strategy seconds, mean | {r['round_seconds_mean']:.2f} / {r['strategy_seconds_mean']:.3f} | - |",
+        f"| peak memory, process tree RSS (sampled) | {mb(r['memory_peak_tree']['rss'])} "
+        f"({r['memory_peak_tree']['processes']} processes) | - |",
+        f"| peak memory, process tree PSS (sampled) | {mb(r['memory_peak_tree']['pss'])} | - |",
+        f"| peak RSS of this process / largest child (getrusage) | {mb(r['rusage_peak']['self'])} / "
+        f"{mb(r['rusage_peak']['children_max'])} | - |",
+        f"| final accuracy / embedded fraction | {r['final_accuracy']:.4f} / {r['embedded_fraction']:.3f} | - |",
+    ]
+    for key, title in (
+        ("store_measured", "client store, measured in context.state"),
+        ("store_from_server_log", "client store, derived from the server's log"),
+    ):
         if key in r:
             s = r[key]
-            lines.append(f"| {title}: bytes per embedded parameter (all / per-client min, median, max) | "
-                         f"{s['bytes_per_embedded']:.3f} / {s['per_client_min']:.3f}, {s['per_client_median']:.3f}, "
-                         f"{s['per_client_max']:.3f} ({s['clients_with_embedded']} clients; "
-                         f"{s['clients_with_empty_store']} hold an empty store) | <= {r['target_store_bytes']:g} B |")
+            lines.append(
+                f"| {title}: bytes per embedded parameter (all / per-client min, median, max) | "
+                f"{s['bytes_per_embedded']:.3f} / {s['per_client_min']:.3f}, {s['per_client_median']:.3f}, "
+                f"{s['per_client_max']:.3f} ({s['clients_with_embedded']} clients; "
+                f"{s['clients_with_empty_store']} hold an empty store) | <= {r['target_store_bytes']:g} B |"
+            )
     if "store_measured" in r:
-        lines.append(f"| same, raw bytes of the stored arrays (npy headers included) | "
-                     f"{r['store_measured']['stored_bytes_per_embedded']:.3f} | - |")
-    lines += ["", "| round | round s | strategy s | discovery s | evaluation s | clients + transport s | checkpoint s "
-              "| accepted | embedded | store version |", "|---|---|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| same, raw bytes of the stored arrays (npy headers included) | "
+            f"{r['store_measured']['stored_bytes_per_embedded']:.3f} | - |"
+        )
+    lines += [
+        "",
+        "| round | round s | strategy s | discovery s | evaluation s | clients + transport s | checkpoint s "
+        "| accepted | embedded | store version |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in r["rounds"]:
-        lines.append(f"| {row['round']} | {row['round_seconds']:.2f} | {row['strategy_seconds']:.3f} | "
-                     f"{row['discover_seconds']:.2f} | {row['evaluate_seconds']:.2f} | "
-                     f"{row['clients_and_transport_seconds']:.2f} | {row['checkpoint_seconds']:.3f} | "
-                     f"{row['accepted']} | "
-                     f"{row['embedded_fraction']:.3f} | {row['store_version']} |")
+        lines.append(
+            f"| {row['round']} | {row['round_seconds']:.2f} | {row['strategy_seconds']:.3f} | "
+            f"{row['discover_seconds']:.2f} | {row['evaluate_seconds']:.2f} | "
+            f"{row['clients_and_transport_seconds']:.2f} | {row['checkpoint_seconds']:.3f} | "
+            f"{row['accepted']} | "
+            f"{row['embedded_fraction']:.3f} | {row['store_version']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -202,11 +246,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="default results/scale_<engine>[_quick].json")
     args = parser.parse_args()
     q = args.quick
-    overrides = [*(QUICK if q else []),
-                 f"num-clients={args.clients or (100 if q else 1000)}",
-                 f"fraction-train={args.fraction or (0.02 if q else 0.01)}",
-                 f"num-server-rounds={args.rounds or (3 if q else 20)}",
-                 f"cmd-warmup={args.warmup or (1 if q else 5)}", *args.set]
+    overrides = [
+        *(QUICK if q else []),
+        f"num-clients={args.clients or (100 if q else 1000)}",
+        f"fraction-train={args.fraction or (0.02 if q else 0.01)}",
+        f"num-server-rounds={args.rounds or (3 if q else 20)}",
+        f"cmd-warmup={args.warmup or (1 if q else 5)}",
+        *args.set,
+    ]
     config = load_config(CONFIG, overrides)
     out = args.out or default_out(f"scale_{args.engine}", args.quick)
     result = {"command": command_line(), "machine": machine(), "run": run(config, args.engine)}

@@ -35,10 +35,25 @@ PARTS = ("clients_seconds", "client_train_seconds", "strategy_seconds", "eval_se
 
 
 def config_for(strategy: str, rounds: int) -> dict:
-    return resolve({"strategy": strategy, "num-server-rounds": rounds, "num-clients": 10, "local-steps": 10,
-                    "batch-size": 100, "optimizer": "adam", "lr": 0.001, "weight-decay": 0.01,
-                    "optimizer-state": "keep", "eval-every": 10, "dataset": "fashion-mnist", "model": "lenet5",
-                    "apf-check-every": 5, "cmd-warmup": 5, "cmd-every": 5})
+    return resolve(
+        {
+            "strategy": strategy,
+            "num-server-rounds": rounds,
+            "num-clients": 10,
+            "local-steps": 10,
+            "batch-size": 100,
+            "optimizer": "adam",
+            "lr": 0.001,
+            "weight-decay": 0.01,
+            "optimizer-state": "keep",
+            "eval-every": 10,
+            "dataset": "fashion-mnist",
+            "model": "lenet5",
+            "apf-check-every": 5,
+            "cmd-warmup": 5,
+            "cmd-every": 5,
+        }
+    )
 
 
 def measure(strategy: str, engine: str, rounds: int) -> dict:
@@ -52,16 +67,28 @@ def measure(strategy: str, engine: str, rounds: int) -> dict:
     workers = min(os.cpu_count() or 1, config["num-clients"]) if engine == "ray" else 1
     outside = 1.0 - total["client_train_seconds"] / total["round_seconds"]
     outside_wall = 1.0 - total["client_train_seconds"] / workers / total["round_seconds"]
-    other = total["round_seconds"] - total["clients_seconds"] - total["strategy_seconds"] \
-        - total["eval_seconds"] - total["checkpoint_seconds"]
+    other = (
+        total["round_seconds"]
+        - total["clients_seconds"]
+        - total["strategy_seconds"]
+        - total["eval_seconds"]
+        - total["checkpoint_seconds"]
+    )
     per_round = {k: v / len(rows) for k, v in total.items()}
-    per_round["clients_outside_steps_seconds"] = (total["clients_seconds"] - total["client_train_seconds"] / workers) \
-        / len(rows)
+    per_round["clients_outside_steps_seconds"] = (
+        total["clients_seconds"] - total["client_train_seconds"] / workers
+    ) / len(rows)
     per_round["discovery_and_bookkeeping_seconds"] = other / len(rows)
-    return {"strategy": strategy, "engine": engine, "rounds_measured": len(rows), "run_wall_seconds": wall,
-            "share_outside_optimizer_steps": outside,
-            "share_outside_optimizer_steps_per_worker": outside_wall, "parallel_workers": workers,
-            "per_round_seconds": per_round}
+    return {
+        "strategy": strategy,
+        "engine": engine,
+        "rounds_measured": len(rows),
+        "run_wall_seconds": wall,
+        "share_outside_optimizer_steps": outside,
+        "share_outside_optimizer_steps_per_worker": outside_wall,
+        "parallel_workers": workers,
+        "per_round_seconds": per_round,
+    }
 
 
 def main() -> None:
@@ -80,16 +107,33 @@ def main() -> None:
             result = measure(strategy, engine, args.rounds)
             result["load_average_after"] = os.getloadavg()
             results = [r for r in results if (r["engine"], r["strategy"]) != (engine, strategy)] + [result]
-            out.write_text(json.dumps({"cpus": os.cpu_count(), "python": platform.python_version(),
-                                       "torch": torch.__version__, "results": results}, indent=2) + "\n")
+            out.write_text(
+                json.dumps(
+                    {
+                        "cpus": os.cpu_count(),
+                        "python": platform.python_version(),
+                        "torch": torch.__version__,
+                        "results": results,
+                    },
+                    indent=2,
+                )
+                + "\n"
+            )
             per = result["per_round_seconds"]
-            print(f"{engine:9s} {strategy:6s}: round {per['round_seconds']:.3f} s, optimizer steps "
-                  f"{per['client_train_seconds']:.3f} s (summed over clients), outside them "
-                  f"{100 * result['share_outside_optimizer_steps']:.1f}%"
-                  + (f" ({100 * result['share_outside_optimizer_steps_per_worker']:.1f}% of wall time with "
-                     f"{result['parallel_workers']} workers)" if engine == "ray" else "")
-                  + "; per round: " + ", ".join(f"{k} {v:.3f}" for k, v in per.items() if k != "round_seconds"),
-                  flush=True)
+            print(
+                f"{engine:9s} {strategy:6s}: round {per['round_seconds']:.3f} s, optimizer steps "
+                f"{per['client_train_seconds']:.3f} s (summed over clients), outside them "
+                f"{100 * result['share_outside_optimizer_steps']:.1f}%"
+                + (
+                    f" ({100 * result['share_outside_optimizer_steps_per_worker']:.1f}% of wall time with "
+                    f"{result['parallel_workers']} workers)"
+                    if engine == "ray"
+                    else ""
+                )
+                + "; per round: "
+                + ", ".join(f"{k} {v:.3f}" for k, v in per.items() if k != "round_seconds"),
+                flush=True,
+            )
     print(f"written {out}")
 
 

@@ -31,25 +31,35 @@ def main() -> int:
     args = parser.parse_args()
     config = load_config(args.config, args.set or [])
     out = Path(args.out).resolve()
-    runs = {"deployed": deploy(config, out / "deployed", tls=args.auth, auth=args.auth),
-            "inprocess": run_inprocess(config, out / "inprocess", progress=False)}
+    runs = {
+        "deployed": deploy(config, out / "deployed", tls=args.auth, auth=args.auth),
+        "inprocess": run_inprocess(config, out / "inprocess", progress=False),
+    }
     if args.ray:
         runs["ray"] = run_ray(config, out / "ray", progress=False)
     record = json.loads((out / "deployed" / "deploy" / "superlink-run.json").read_text())
     traffic = record["network-traffic"]
     deployed = runs["deployed"]
     report = {
-        "config": {k: config[k] for k in ("strategy", "dataset", "model", "num-clients", "num-server-rounds",
-                                          "fraction-train")},
+        "config": {
+            k: config[k] for k in ("strategy", "dataset", "model", "num-clients", "num-server-rounds", "fraction-train")
+        },
         "auth": args.auth,
         "runs": {name: {k: summary[k] for k in KEYS} for name, summary in runs.items()},
-        "superlink": {"inbound_bytes": traffic["inbound-bytes"], "outbound_bytes": traffic["outbound-bytes"],
-                      "inbound_over_bytes_up": traffic["inbound-bytes"] / deployed["bytes_up"],
-                      "outbound_over_bytes_down": traffic["outbound-bytes"] / deployed["bytes_down"]},
+        "superlink": {
+            "inbound_bytes": traffic["inbound-bytes"],
+            "outbound_bytes": traffic["outbound-bytes"],
+            "inbound_over_bytes_up": traffic["inbound-bytes"] / deployed["bytes_up"],
+            "outbound_over_bytes_down": traffic["outbound-bytes"] / deployed["bytes_down"],
+        },
         "deployed_over_simulated": {
-            name: {k: deployed[k] / summary[k] if summary[k] else None for k in ("floats_up", "floats_down",
-                                                                                  "bytes_up", "bytes_down")}
-            for name, summary in runs.items() if name != "deployed"},
+            name: {
+                k: deployed[k] / summary[k] if summary[k] else None
+                for k in ("floats_up", "floats_down", "bytes_up", "bytes_down")
+            }
+            for name, summary in runs.items()
+            if name != "deployed"
+        },
     }
     (out / "agreement.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

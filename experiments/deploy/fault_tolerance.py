@@ -38,8 +38,16 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def deploy_with_a_crash(config: dict, out: Path, *, auth: bool, kill_after: int, back_after: int | None,
-                        kill_delay: float, back_delay: float | None) -> tuple[dict, dict]:
+def deploy_with_a_crash(
+    config: dict,
+    out: Path,
+    *,
+    auth: bool,
+    kill_after: int,
+    back_after: int | None,
+    kill_delay: float,
+    back_delay: float | None,
+) -> tuple[dict, dict]:
     events: dict[str, float] = {}
     started = time.monotonic()
     with Deployment(out / "deploy", config["num-clients"], auth=auth) as deployment:
@@ -79,22 +87,38 @@ def replay(config: dict, deployed: Path, out: Path) -> tuple[dict, float, dict]:
     from fedcmd.engine import LocalGrid, run_inprocess
     from strategies.cmd import CMD
 
-    mine = {int(r["round"]): r["reason"] for r in read_csv(deployed / "rejections.csv")
-            if r["round"] and int(r["client"]) == PARTITION}
+    mine = {
+        int(r["round"]): r["reason"]
+        for r in read_csv(deployed / "rejections.csv")
+        if r["round"] and int(r["client"]) == PARTITION
+    }
     offline = {rnd for rnd, why in mine.items() if why.startswith("unreachable")}
     silent = {rnd for rnd, why in mine.items() if rnd not in offline and "store version" not in why}
     away = offline | silent
-    back = next((rnd for rnd in range(min(away) + 1, config["num-server-rounds"] + 1) if rnd not in away), None) \
-        if away else None
+    back = (
+        next((rnd for rnd in range(min(away) + 1, config["num-server-rounds"] + 1) if rnd not in away), None)
+        if away
+        else None
+    )
     same_id = back is not None and "store version" in mine.get(back, "")
-    failures = {"offline": sorted(offline), "silent": sorted(silent), "back": back,
-                "back_as": "same node id, empty store (refused its delta)" if same_id else "new node"}
+    failures = {
+        "offline": sorted(offline),
+        "silent": sorted(silent),
+        "back": back,
+        "back_as": "same node id, empty store (refused its delta)" if same_id else "new node",
+    }
 
-    grid = LocalGrid(client_app, config["num-clients"],
-                     fail=lambda rnd, pid, kind: kind == "train" and pid == PARTITION and rnd in silent)
+    grid = LocalGrid(
+        client_app,
+        config["num-clients"],
+        fail=lambda rnd, pid, kind: kind == "train" and pid == PARTITION and rnd in silent,
+    )
     sent, gaps = {}, []
-    original_discover, original_configure, original_local = (server.discover_nodes, CMD.configure_train,
-                                                             cmd_client.train_locally)
+    original_discover, original_configure, original_local = (
+        server.discover_nodes,
+        CMD.configure_train,
+        cmd_client.train_locally,
+    )
 
     def discover(grid_, strategy, rnd, timeout):
         grid.offline = {PARTITION} if rnd in offline else set()
@@ -117,8 +141,11 @@ def replay(config: dict, deployed: Path, out: Path) -> tuple[dict, float, dict]:
     try:
         summary = run_inprocess(config, out, progress=False, grid=grid)
     finally:
-        server.discover_nodes, CMD.configure_train, cmd_client.train_locally = (original_discover, original_configure,
-                                                                                original_local)
+        server.discover_nodes, CMD.configure_train, cmd_client.train_locally = (
+            original_discover,
+            original_configure,
+            original_local,
+        )
     return summary, max(gaps), failures
 
 
@@ -130,36 +157,70 @@ def main() -> int:
     parser.add_argument("--kill-after", type=int, default=3)
     parser.add_argument("--back-after", type=int, default=4)
     parser.add_argument("--kill-delay", type=float, default=3.0, help="seconds into the next round")
-    parser.add_argument("--back-delay", type=float,
-                        help="restart this many seconds after the kill instead of after round --back-after: "
-                             "before the SuperLink notices the node is gone (with --auth it keeps its id)")
-    parser.add_argument("--round-timeout", type=float, default=60.0,
-                        help="seconds a round waits for replies (a killed node is noticed after ~60 s)")
+    parser.add_argument(
+        "--back-delay",
+        type=float,
+        help="restart this many seconds after the kill instead of after round --back-after: "
+        "before the SuperLink notices the node is gone (with --auth it keeps its id)",
+    )
+    parser.add_argument(
+        "--round-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a round waits for replies (a killed node is noticed after ~60 s)",
+    )
     args = parser.parse_args()
     out = Path(args.out).resolve()
-    config = resolve({"strategy": "cmd", "dataset": "synthetic", "synthetic-train-size": 600,
-                      "synthetic-test-size": 200, "num-clients": 3, "num-server-rounds": args.rounds,
-                      "batch-size": 16, "local-epochs": 1, "lr": 0.05, "momentum": 0.9,
-                      "cmd-warmup": 2, "cmd-every": 1, "cmd-fraction": 0.2, "cmd-modes": 3, "cmd-samples": 200,
-                      "round-timeout": args.round_timeout})
-    deployed, events = deploy_with_a_crash(config, out / "deployed", auth=args.auth, kill_after=args.kill_after,
-                                           back_after=args.back_after, kill_delay=args.kill_delay,
-                                           back_delay=args.back_delay)
+    config = resolve(
+        {
+            "strategy": "cmd",
+            "dataset": "synthetic",
+            "synthetic-train-size": 600,
+            "synthetic-test-size": 200,
+            "num-clients": 3,
+            "num-server-rounds": args.rounds,
+            "batch-size": 16,
+            "local-epochs": 1,
+            "lr": 0.05,
+            "momentum": 0.9,
+            "cmd-warmup": 2,
+            "cmd-every": 1,
+            "cmd-fraction": 0.2,
+            "cmd-modes": 3,
+            "cmd-samples": 200,
+            "round-timeout": args.round_timeout,
+        }
+    )
+    deployed, events = deploy_with_a_crash(
+        config,
+        out / "deployed",
+        auth=args.auth,
+        kill_after=args.kill_after,
+        back_after=args.back_after,
+        kill_delay=args.kill_delay,
+        back_delay=args.back_delay,
+    )
     replayed, gap, failures = replay(config, out / "deployed", out / "replayed")
     acc = lambda run: [float(r["accuracy"]) for r in read_csv(out / run / "metrics.csv")]
     accepted = [int(r["accepted"]) for r in read_csv(out / "deployed" / "metrics.csv")][1:]
     totals = lambda s: {k: s[k] for k in ("floats_up", "floats_down", "bytes_up", "bytes_down")}
     report = {
-        "auth": args.auth, **events,
-        "deployed_rejections": [(r["round"], r["client"], r["reason"][:120])
-                                for r in read_csv(out / "deployed" / "rejections.csv") if r["round"]],
+        "auth": args.auth,
+        **events,
+        "deployed_rejections": [
+            (r["round"], r["client"], r["reason"][:120])
+            for r in read_csv(out / "deployed" / "rejections.csv")
+            if r["round"]
+        ],
         "accepted_per_round": accepted,
         "failures_replayed": failures,
-        "deployed_accuracy": acc("deployed"), "replayed_accuracy": acc("replayed"),
+        "deployed_accuracy": acc("deployed"),
+        "replayed_accuracy": acc("replayed"),
         "accuracies_equal": acc("deployed") == acc("replayed"),
         "replay_max_client_server_gap": gap,
         "embedding_events": deployed.get("embedding_events"),
-        "deployed_totals": totals(deployed), "replayed_totals": totals(replayed),
+        "deployed_totals": totals(deployed),
+        "replayed_totals": totals(replayed),
         "floats_equal": all(deployed[k] == replayed[k] for k in ("floats_up", "floats_down")),
         "wall_seconds": deployed["wall_seconds"],
     }

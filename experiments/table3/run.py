@@ -43,8 +43,18 @@ def merged_config(variant: str, method: str, seed: int) -> dict:
 
 def run_one(args: argparse.Namespace, name: str, path: Path, run_dir: Path) -> int:
     """Run one config in its own `fedcmd run` process; 0 when it finished."""
-    command = [sys.executable, "-m", "fedcmd.cli", "run", str(path), "--out", str(run_dir), "--engine", args.engine,
-               "--overwrite"]  # what is left of an interrupted (or --force) run starts afresh
+    command = [
+        sys.executable,
+        "-m",
+        "fedcmd.cli",
+        "run",
+        str(path),
+        "--out",
+        str(run_dir),
+        "--engine",
+        args.engine,
+        "--overwrite",
+    ]  # what is left of an interrupted (or --force) run starts afresh
     print(f"[table3] {name}: {' '.join(command)}", flush=True)
     started = time.perf_counter()
     log_path = run_dir.parent / f"{name}.log"
@@ -59,29 +69,50 @@ def run_one(args: argparse.Namespace, name: str, path: Path, run_dir: Path) -> i
         return 1
     if args.quiet:
         summary = json.loads((run_dir / "summary.json").read_text())
-        print(f"[table3] {name}: {time.perf_counter() - started:.0f} s, final accuracy "
-              f"{100 * summary['final_accuracy']:.2f}%, {summary['volume_ratio'] * 100:.1f}% of FedAvg's floats",
-              flush=True)
+        print(
+            f"[table3] {name}: {time.perf_counter() - started:.0f} s, final accuracy "
+            f"{100 * summary['final_accuracy']:.2f}%, {summary['volume_ratio'] * 100:.1f}% of FedAvg's floats",
+            flush=True,
+        )
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--variant", default="fmnist", choices=sorted(p.name for p in HERE.iterdir() if p.is_dir()))
-    parser.add_argument("--methods", nargs="+", help="methods of the variant to run (default: all of its <method>.toml)")
+    parser.add_argument(
+        "--methods", nargs="+", help="methods of the variant to run (default: all of its <method>.toml)"
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--engine", choices=("inprocess", "ray"), default="inprocess",
-                        help="inprocess (default): same strategy and client code, no Ray; ray: Flower's simulation")
-    parser.add_argument("--out", help="results folder (default experiments/results/table3 for fmnist, "
-                                      "experiments/results/apf-regime for apf-regime, "
-                                      "experiments/results/table3-<variant> for the others)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key in every run (repeatable)")
-    parser.add_argument("--tag", default="", help="run folders are <method>-<tag>-seed<k> (e.g. a codec's name, "
-                                                  "with its keys in --set); the baseline stays fedavg-seed<k>")
+    parser.add_argument(
+        "--engine",
+        choices=("inprocess", "ray"),
+        default="inprocess",
+        help="inprocess (default): same strategy and client code, no Ray; ray: Flower's simulation",
+    )
+    parser.add_argument(
+        "--out",
+        help="results folder (default experiments/results/table3 for fmnist, "
+        "experiments/results/apf-regime for apf-regime, "
+        "experiments/results/table3-<variant> for the others)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key in every run (repeatable)",
+    )
+    parser.add_argument(
+        "--tag",
+        default="",
+        help="run folders are <method>-<tag>-seed<k> (e.g. a codec's name, "
+        "with its keys in --set); the baseline stays fedavg-seed<k>",
+    )
     parser.add_argument("--force", action="store_true", help="rerun runs that already have a summary.json")
-    parser.add_argument("--quiet", action="store_true",
-                        help="one line per run (its progress goes to <run>/run.log), then the table")
+    parser.add_argument(
+        "--quiet", action="store_true", help="one line per run (its progress goes to <run>/run.log), then the table"
+    )
     args = parser.parse_args(argv)
     available = variant_methods(args.variant)
     args.methods = args.methods or available

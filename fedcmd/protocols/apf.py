@@ -22,20 +22,30 @@ _KEYS = {
     "apf-alpha": Key(float, 0.99, lambda v: 0 < v < 1, "in (0, 1)", "EMA factor of the stability statistics"),
     "apf-check-every": Key(int, 1, positive, "a positive integer", "rounds between stability checks"),
     "apf-tighten-at": Key(float, 0.8, fraction, "in (0, 1]", "T is halved once this share is frozen"),
-    "apf-random-freeze-periods": Key(int, 1, positive, "a positive integer",
-                                     "A-APF: check periods a random freeze lasts"),
+    "apf-random-freeze-periods": Key(
+        int, 1, positive, "a positive integer", "A-APF: check periods a random freeze lasts"
+    ),
 }
 ALGORITHMS = (
-    Algorithm("apf", server="strategies.apf:APF", client="clients.apf:train", keys=_KEYS,
-              doc="Adaptive Parameter Freezing (Chen et al., ICDCS 2021): stable scalars are neither sent nor trained"),
-    Algorithm("a-apf", server="strategies.apf:AggressiveAPF", client="clients.apf:train",
-              doc="Aggressive APF: APF plus seeded random freezes of unstable scalars"),
+    Algorithm(
+        "apf",
+        server="strategies.apf:APF",
+        client="clients.apf:train",
+        keys=_KEYS,
+        doc="Adaptive Parameter Freezing (Chen et al., ICDCS 2021): stable scalars are neither sent nor trained",
+    ),
+    Algorithm(
+        "a-apf",
+        server="strategies.apf:AggressiveAPF",
+        client="clients.apf:train",
+        doc="Aggressive APF: APF plus seeded random freezes of unstable scalars",
+    ),
 )
 
-HEAD = "apf"      # the train message's SyncHead
-MASKS = "masks"       # packed bit masks over the N weights, under these names:
-CHANGED = "changed"   # the positions an `explicit` catch-up writes
-ACTIVE = "active"     # the active mask in force (sent when the client may lack it)
+HEAD = "apf"  # the train message's SyncHead
+MASKS = "masks"  # packed bit masks over the N weights, under these names:
+CHANGED = "changed"  # the positions an `explicit` catch-up writes
+ACTIVE = "active"  # the active mask in force (sent when the client may lack it)
 CATCH_UP_KINDS = ("delta", "derived", "explicit", "full")  # the server's preference order on equal cost
 REPLY_METRICS = ("model-version", "mask-version")
 
@@ -54,8 +64,12 @@ class SyncHead:
     base_mask_version: int | None = None
 
     def record(self) -> ConfigRecord:
-        head = {"model-version": self.model_version, "mask-version": self.mask_version, "catch-up": self.kind,
-                "from-version": self.from_version}
+        head = {
+            "model-version": self.model_version,
+            "mask-version": self.mask_version,
+            "catch-up": self.kind,
+            "from-version": self.from_version,
+        }
         if self.base_mask_version is not None:
             head["base-mask-version"] = self.base_mask_version
         return ConfigRecord(head)
@@ -64,8 +78,13 @@ class SyncHead:
     def read(cls, content: RecordDict) -> "SyncHead":
         head = content[HEAD]
         base = head.get("base-mask-version")
-        return cls(str(head["catch-up"]), int(head["model-version"]), int(head["mask-version"]),
-                   int(head["from-version"]), None if base is None else int(base))
+        return cls(
+            str(head["catch-up"]),
+            int(head["model-version"]),
+            int(head["mask-version"]),
+            int(head["from-version"]),
+            None if base is None else int(base),
+        )
 
 
 def pack_mask(mask: np.ndarray) -> Array:

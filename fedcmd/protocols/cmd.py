@@ -19,7 +19,9 @@ from fedcmd.algorithms import Algorithm, Key, fraction, one_of, positive
 
 ALGORITHMS = (
     Algorithm(
-        "cmd", server="strategies.cmd:CMD", client="clients.cmd:train",
+        "cmd",
+        server="strategies.cmd:CMD",
+        client="clients.cmd:train",
         doc="federated embedded CMD (ICLR 2024): embedded weights are rebuilt from M reference weights",
         keys={
             "cmd-modes": Key(int, 10, positive, "a positive integer", "M, the number of modes"),
@@ -29,8 +31,13 @@ ALGORITHMS = (
             "cmd-of-remaining": Key(bool, True, None, "", "P of the weights not yet embedded (else of all)"),
             "cmd-max-embedded": Key(float, 0.9, fraction, "in (0, 1]", "embedding stops at this share"),
             "cmd-samples": Key(int, 1000, positive, "a positive integer", "K, weights sampled for clustering"),
-            "cmd-embedded-training": Key(str, "frozen", one_of(("snap", "frozen")), "one of snap, frozen",
-                                         "embedded weights during local training: held (frozen) or overwritten"),
+            "cmd-embedded-training": Key(
+                str,
+                "frozen",
+                one_of(("snap", "frozen")),
+                "one of snap, frozen",
+                "embedded weights during local training: held (frozen) or overwritten",
+            ),
         },
         client_keys=("cmd-embedded-training",),
     ),
@@ -45,24 +52,32 @@ def mode_dtype(n_modes: int) -> np.dtype:
 
 @dataclass(frozen=True)
 class EmbeddingEvent:
-    index: np.ndarray   # int64, ascending
-    a: np.ndarray       # float32
-    b: np.ndarray       # float32
-    mode: np.ndarray    # uint8 / uint16
+    index: np.ndarray  # int64, ascending
+    a: np.ndarray  # float32
+    b: np.ndarray  # float32
+    mode: np.ndarray  # uint8 / uint16
 
 
-def encode_events(events: list[EmbeddingEvent], n_params: int, from_version: int, to_version: int,
-                  reference_index: np.ndarray, n_modes: int) -> RecordDict:
+def encode_events(
+    events: list[EmbeddingEvent],
+    n_params: int,
+    from_version: int,
+    to_version: int,
+    reference_index: np.ndarray,
+    n_modes: int,
+) -> RecordDict:
     """The records that carry `events` (the log's entries from_version..to_version-1)."""
     content = RecordDict()
     content["cmd"] = ConfigRecord({"from-version": from_version, "to-version": to_version, "n-modes": n_modes})
     if not events:
         return content
-    content["coefficients"] = ArrayRecord({
-        "a": Array(np.concatenate([e.a for e in events])),
-        "b": Array(np.concatenate([e.b for e in events])),
-        "mode": Array(np.concatenate([e.mode for e in events]).astype(mode_dtype(n_modes))),
-    })
+    content["coefficients"] = ArrayRecord(
+        {
+            "a": Array(np.concatenate([e.a for e in events])),
+            "b": Array(np.concatenate([e.b for e in events])),
+            "mode": Array(np.concatenate([e.mode for e in events]).astype(mode_dtype(n_modes))),
+        }
+    )
     counts = np.array([e.index.size for e in events], dtype=np.int64)
     mask_bytes = len(events) * ((n_params + 7) // 8)
     if mask_bytes <= 4 * int(counts.sum()):
@@ -71,8 +86,12 @@ def encode_events(events: list[EmbeddingEvent], n_params: int, from_version: int
             masks[row, event.index] = True
         content["masks"] = ArrayRecord({"values": Array(np.packbits(masks, axis=1))})
     else:
-        content["indices"] = ArrayRecord({"values": Array(np.concatenate([e.index for e in events]).astype(np.int32)),
-                                          "counts": Array(counts.astype(np.int32))})
+        content["indices"] = ArrayRecord(
+            {
+                "values": Array(np.concatenate([e.index for e in events]).astype(np.int32)),
+                "counts": Array(counts.astype(np.int32)),
+            }
+        )
     if from_version == 0:  # a client's first events: it learns the reference weights too
         if "indices" not in content:
             content["indices"] = ArrayRecord()
@@ -112,7 +131,13 @@ def decode_events(content: RecordDict, n_params: int) -> tuple[int, int, list[Em
     return from_version, to_version, events, reference_index
 
 
-def rebuild_embedded(theta: np.ndarray, embedded_index: np.ndarray, a: np.ndarray, b: np.ndarray,
-                     mode: np.ndarray, reference_index: np.ndarray) -> None:
+def rebuild_embedded(
+    theta: np.ndarray,
+    embedded_index: np.ndarray,
+    a: np.ndarray,
+    b: np.ndarray,
+    mode: np.ndarray,
+    reference_index: np.ndarray,
+) -> None:
     """theta[i] = a_i * theta[ref(mode_i)] + b_i for embedded i, in float32 (server and client alike)."""
     theta[embedded_index] = a * theta[reference_index[mode.astype(np.int64)]] + b

@@ -5,6 +5,10 @@ helper it uses is the shared wire vocabulary (`fedcmd.wire`)."""
 from fedcmd.algorithms import Algorithm
 
 ALGORITHMS = (
-    Algorithm("fedavg", server="strategies.fedavg:FedAvg", client="clients.fedavg:train",
-              doc="FedAvg (McMahan et al., 2017): the sample-weighted mean of the clients' models"),
+    Algorithm(
+        "fedavg",
+        server="strategies.fedavg:FedAvg",
+        client="clients.fedavg:train",
+        doc="FedAvg (McMahan et al., 2017): the sample-weighted mean of the clients' models",
+    ),
 )
