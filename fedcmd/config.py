@@ -93,39 +93,16 @@ for _algorithm in algorithms.declared().values():
 
 DEFAULTS: dict[str, Any] = {key: spec.default for key, spec in SCHEMA.items()}
 
-# Keys every client needs to load its data, train and encode its reply; an algorithm's declaration
+# What determines a client's data (fedcmd.task caches datasets and partitions by these), and the
+# keys every client needs beyond them to train and encode its reply; an algorithm's declaration
 # adds its own (`client_keys`). Sent in every train message.
-CLIENT_KEYS = (
-    "dataset",
-    "data-dir",
-    "download",
-    "synthetic-train-size",
-    "synthetic-test-size",
-    "synthetic-shape",
-    "partition",
-    "dirichlet-alpha",
-    "classes-per-client",
-    "num-clients",
-    "data-seed",
-    "model",
-    "local-epochs",
-    "local-steps",
-    "batch-size",
-    "lr",
-    "momentum",
-    "weight-decay",
-    "optimizer",
-    "adam-beta1",
-    "adam-beta2",
-    "adam-eps",
-    "optimizer-state",
-    "seed",
-    "strategy",
-    "codec-up",
-    "codec-down",
-    "codec-chunk",
-    "topk-fraction",
-)
+DATA_KEYS = ("dataset", "data-dir", "download", "synthetic-train-size", "synthetic-test-size", "synthetic-shape")
+DATA_KEYS += ("seed", "data-seed")
+PARTITION_KEYS = ("num-clients", "partition", "dirichlet-alpha", "classes-per-client", "data-seed")
+TRAINING_KEYS = ("model", "local-epochs", "local-steps", "batch-size", "lr", "momentum", "weight-decay", "optimizer")
+TRAINING_KEYS += ("adam-beta1", "adam-beta2", "adam-eps", "optimizer-state", "strategy")
+CODEC_KEYS = ("codec-up", "codec-down", "codec-chunk", "topk-fraction")
+CLIENT_KEYS = tuple(dict.fromkeys(DATA_KEYS + PARTITION_KEYS + TRAINING_KEYS + CODEC_KEYS))
 
 
 def client_keys(strategy: str) -> tuple[str, ...]:

@@ -360,19 +360,10 @@ def round_volume(rows: list[VolumeRow]) -> dict[str, float]:
     return volume
 
 
-def run_server_app(
-    grid: Grid,
-    config: dict[str, Any],
-    out_dir: str | Path,
-    progress: bool = True,
-    resume: bool = False,
-    overwrite: bool = False,
-    flower_run_id: int | None = None,
-) -> dict:
-    """Entry used by ServerApps: the server thread gets its own, bounded, share of the cores."""
+def run_server_app(grid: Grid, config: dict[str, Any], out_dir: str | Path, **options: Any) -> dict:
+    """Entry used by ServerApps: the server thread gets its own, bounded, share of the cores;
+    `options` are `run_experiment`'s."""
     torch.set_num_threads(1)
     if not logging.getLogger().handlers:  # a deployed ServerApp process has none: keep rejections visible
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    return run_experiment(
-        grid, config, out_dir, progress=progress, resume=resume, overwrite=overwrite, flower_run_id=flower_run_id
-    )
+    return run_experiment(grid, config, out_dir, **options)

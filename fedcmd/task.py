@@ -13,21 +13,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedcmd.config import DATA_KEYS, PARTITION_KEYS
 from fedcmd.data import ImageData, load_dataset, partition_indices
 from fedcmd.flat import ParamLayout
 from fedcmd.models import build_model
-
-DATA_KEYS = (
-    "dataset",
-    "data-dir",
-    "download",
-    "synthetic-train-size",
-    "synthetic-test-size",
-    "synthetic-shape",
-    "seed",
-    "data-seed",
-)
-PARTITION_KEYS = ("num-clients", "partition", "dirichlet-alpha", "classes-per-client", "data-seed")
 
 
 def _key(config: Mapping[str, Any], keys: tuple[str, ...]) -> tuple:
