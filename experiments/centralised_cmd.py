@@ -37,6 +37,21 @@ METHODS = {
 }
 
 
+def train_run(model, data, args, seed: int, callbacks) -> None:
+    """One centralised training run of the experiment's settings, with its epoch callbacks."""
+    train_with_callbacks(
+        model,
+        data.train_x,
+        data.train_y,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        momentum=args.momentum,
+        seed=seed,
+        callbacks=callbacks,
+    )
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--epochs", type=int, default=18)
@@ -87,16 +102,12 @@ def sgd_run(data, seed: int, args) -> dict:
         curve.append(row)
         print(f"  seed {seed} sgd run, epoch {epoch}: {row}", flush=True)
 
-    train_with_callbacks(
+    train_run(
         model,
-        data.train_x,
-        data.train_y,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        momentum=args.momentum,
-        seed=seed,
-        callbacks=[
+        data,
+        args,
+        seed,
+        [
             SimpleNamespace(on_epoch_end=lambda _: snapshots.append(layout.flatten(model))),
             cmd,
             cmd_authors,
@@ -157,16 +168,12 @@ def embedded_run(data, seed: int, args) -> dict:
         curve.append(row)
         print(f"  seed {seed} embedded run, epoch {epoch}: {row}", flush=True)
 
-    train_with_callbacks(
+    train_run(
         model,
-        data.train_x,
-        data.train_y,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        momentum=args.momentum,
-        seed=seed,
-        callbacks=[cmd, SimpleNamespace(on_epoch_end=record)],
+        data,
+        args,
+        seed,
+        [cmd, SimpleNamespace(on_epoch_end=record)],
     )
     return {"embedded_cmd": curve[-1]["accuracy"], "curve": curve}
 

@@ -67,28 +67,16 @@ CASES = {
         ],
     ),
 }
+QUICK_SET = [
+    "dataset=synthetic",
+    "synthetic-train-size=400",
+    "synthetic-test-size=100",
+    "num-clients=4",
+    "cmd-samples=200",
+]
 QUICK_CASES = {
-    "lenet5-quick": (
-        LENET5_CONFIG,
-        [
-            "dataset=synthetic",
-            "synthetic-train-size=400",
-            "synthetic-test-size=100",
-            "num-clients=4",
-            "cmd-samples=200",
-        ],
-    ),
-    "mlp-quick": (
-        LENET5_CONFIG,
-        [
-            "dataset=synthetic",
-            "synthetic-train-size=400",
-            "synthetic-test-size=100",
-            "num-clients=4",
-            "cmd-samples=200",
-            "model=mlp",
-        ],
-    ),
+    "lenet5-quick": (LENET5_CONFIG, QUICK_SET),
+    "mlp-quick": (LENET5_CONFIG, [*QUICK_SET, "model=mlp"]),
 }
 # The server loop's calls: their inclusive times partition a round (plus untimed glue).
 LOOP = ("discover", "configure_train", "send_and_receive", "aggregate_train", "evaluate", "checkpoint")
