@@ -45,8 +45,7 @@ from fedcmd.checkpoint import CheckpointError, array_entry, by_round, entry, loa
 from fedcmd.codecs import CodecError, describe, with_error_feedback
 from fedcmd.config import client_keys
 from fedcmd.sampling import sample_cohort
-from fedcmd.wire import (  # noqa: F401
-    DIRECTIONS,
+from fedcmd.wire import (
     PAYLOAD_KEYS,
     ReplyError,
     codec_rng,
