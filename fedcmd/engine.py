@@ -12,7 +12,7 @@ import logging
 import os
 import socket
 import traceback
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Callable
 from uuid import uuid4
@@ -100,9 +100,21 @@ class LocalGrid(Grid):
         raise NotImplementedError("use send_and_receive")
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        replies = []
-        for msg in messages:
+        return list(self.replies(messages))
+
+    def replies(self, messages: Iterable[Message]) -> Iterator[Message]:
+        """The replies to `messages`, each made (the client run) when the next one is asked for:
+        what a server that aggregates replies as they arrive sees, one reply at a time. Every message
+        gets its id now (as when a grid pushes them all), before any client runs."""
+        pending = list(messages)
+        for msg in pending:
             msg.metadata.__dict__["_message_id"] = str(uuid4())
+        pending.reverse()
+        return self._run_clients(pending)
+
+    def _run_clients(self, pending: list[Message]) -> Iterator[Message]:
+        while pending:
+            msg = pending.pop()
             context = self.contexts.get(msg.metadata.dst_node_id)
             if context is None:
                 continue
@@ -118,8 +130,9 @@ class LocalGrid(Grid):
                 log.debug("client %d raised: %s", pid, traceback.format_exc())
                 reply = Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=received)
             reply.metadata.__dict__["_message_id"] = str(uuid4())
-            replies.append(_wire(reply))
-        return replies
+            wired, reply, received, msg = _wire(reply), None, None, None
+            yield wired
+            wired = None  # the server has it: nothing of a reply is kept here once the next is asked for
 
 
 def run_inprocess(

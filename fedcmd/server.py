@@ -47,6 +47,55 @@ from strategies.base import FedcmdStrategy, RoundLog
 log = logging.getLogger("fedcmd")
 
 
+class ReplyStream:
+    """The replies to `messages` as they arrive, one at a time. The messages are pushed through the
+    grid when the stream is made (so they have their ids before the strategy reads a reply), then
+    replies are pulled until every message is answered or `timeout` seconds have passed. A reply is
+    yielded as soon as it is pulled and is not kept here, so the strategy holds one reply at a time
+    (it aggregates each and drops it). `waiting` is the time spent waiting on the grid: the
+    clients' and the transport's share of a round.
+
+    fedcmd's in-process grid computes each reply when it is asked for (`LocalGrid.replies`); any
+    other grid (Flower's simulation, a SuperLink) is used through push_messages and pull_messages,
+    the calls Flower's own send_and_receive makes, at the grid's pull interval (0.5 s if it has none).
+    Flower's in-memory grid returns every reply that has arrived at each pull: those wait in the
+    list it returns until their turn.
+    """
+
+    def __init__(self, grid: Grid, messages: list[Message], timeout: float | None) -> None:
+        self.grid, self.timeout = grid, timeout
+        self.waiting = 0.0
+        start = time.perf_counter()
+        if hasattr(grid, "replies"):  # LocalGrid: ids now, each reply made when asked for
+            self._source: Iterator[Message] = iter(grid.replies(messages))
+        else:
+            self._source = self._pull(set(grid.push_messages(messages)) if messages else set())
+        messages.clear()  # the grid holds them now
+        self.waiting += time.perf_counter() - start
+
+    def __iter__(self) -> Iterator[Message]:
+        while True:
+            start = time.perf_counter()
+            reply = next(self._source, None)
+            self.waiting += time.perf_counter() - start
+            if reply is None:
+                return
+            yield reply
+            reply = None
+
+    def _pull(self, pending: set[str]) -> Iterator[Message]:
+        end = time.time() + (self.timeout if self.timeout is not None else float("inf"))
+        interval = getattr(self.grid, "pull_interval", 0.5)
+        while pending and time.time() < end:
+            pulled = list(self.grid.pull_messages(pending))
+            pending.difference_update(m.metadata.reply_to_message_id for m in pulled)
+            pulled.reverse()
+            while pulled:
+                yield pulled.pop()
+            if pending:
+                time.sleep(interval)
+
+
 def discover_nodes(
     grid: Grid, strategy: FedcmdStrategy, server_round: int, timeout: float, binding: dict[str, int] | None = None
 ) -> None:
@@ -75,6 +124,7 @@ def discover_nodes(
     if not unknown:
         return
     queries = discovery_queries(unknown, server_round)
+    first_row = len(strategy.accountant.rows)
     replies = grid.send_and_receive(queries, timeout=timeout)
     asked = {q.metadata.message_id: q for q in queries}  # ids exist once the grid has sent them
     for reply in replies:
@@ -100,6 +150,11 @@ def discover_nodes(
         # Discovery is traffic too: the query down and the reply up, both metadata.
         strategy.accountant.record_message(server_round, pid, "down", query)
         strategy.accountant.record_message(server_round, pid, "up", reply)
+    # The volume rows in partition order and refusals by node, whatever order the nodes answered in.
+    rows = strategy.accountant.rows
+    rows[first_row:] = sorted(rows[first_row:], key=lambda row: row.client)
+    if server_round in strategy.rounds:
+        strategy.rounds[server_round].refused.sort(key=lambda item: item[0])
 
 
 def discovery_queries(nodes: Iterable[int], server_round: int) -> list[Message]:
@@ -287,10 +342,10 @@ def run_experiment(
             t1 = time.perf_counter()
             messages = list(strategy.configure_train(rnd, None, None, grid))
             t2 = time.perf_counter()
-            replies = grid.send_and_receive(messages, timeout=timeout) if messages else []
-            t3 = time.perf_counter()
-            strategy.aggregate_train(rnd, replies)
+            replies = ReplyStream(grid, messages, timeout)
+            strategy.aggregate_train(rnd, replies)  # aggregates each reply as it arrives
             t4 = time.perf_counter()
+            t3 = t2 + replies.waiting  # the strategy's time is what is not spent waiting for replies
             evaluated = rnd % config["eval-every"] == 0 or rnd == last
             loss, acc = evaluator(strategy.weights, strategy.buffers) if evaluated else (float("nan"), float("nan"))
             t5 = time.perf_counter()

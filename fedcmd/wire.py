@@ -10,6 +10,7 @@ specific records live in `fedcmd/protocols/<algorithm>.py`.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,32 +29,77 @@ class ReplyError(ValueError):
     counted, the model is untouched. In a train message: the client answers with an error."""
 
 
+def numpy_array(values: np.ndarray) -> Array:
+    """A Flower Array of `values`, built with one copy: the .npy bytes `Array(values)` would make
+    (`np.save`), without its growing buffer and final copy (4x faster on a 45 MB model)."""
+    values = np.ascontiguousarray(values)
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(values))
+    data = b"".join([header.getvalue(), memoryview(values.reshape(-1)).cast("B")])
+    return Array(dtype=str(values.dtype), shape=tuple(values.shape), stype="numpy.ndarray", data=data)
+
+
+def array_view(array: Array) -> np.ndarray:
+    """A read-only numpy view of an Array's .npy bytes (no copy, unlike `Array.numpy()`); the same
+    checks as `np.load` without pickles: ValueError if the bytes are not one plain array."""
+    if array.stype != "numpy.ndarray":
+        raise ValueError(f"not a numpy array: stype {array.stype!r}")
+    data = array.data
+    stream = io.BytesIO(data)
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
+    else:
+        raise ValueError(f"unsupported .npy version {version}")
+    if dtype.hasobject:
+        raise ValueError("object arrays are not accepted")
+    count = int(np.prod(shape, dtype=np.int64))
+    offset = stream.tell()
+    if len(data) - offset != count * dtype.itemsize:
+        raise ValueError(f"{len(data) - offset} data bytes for {count} values of {dtype}")
+    values = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+    return values.reshape(shape, order="F" if fortran else "C")
+
+
 def vector_record(values: np.ndarray) -> ArrayRecord:
     """One flat array under the key `values`: one Flower Array costs ~0.5 KB of headers, so
     strategies send few, large arrays."""
-    return ArrayRecord({"values": Array(np.ascontiguousarray(values))})
+    return ArrayRecord({"values": numpy_array(values)})
 
 
-def read_vector(content: RecordDict, key: str, length: int, dtype=np.float32) -> np.ndarray:
-    """The `values` array of record `key`, checked for presence, dtype, length and finiteness."""
+def all_finite(values: np.ndarray) -> bool:
+    """Whether a float vector holds no NaN or Inf, without a temporary array (min and max are NaN
+    or infinite exactly when some value is)."""
+    return values.size == 0 or bool(np.isfinite(values.min()) and np.isfinite(values.max()))
+
+
+def read_vector(content: RecordDict, key: str, length: int, dtype=np.float32, *, view: bool = False) -> np.ndarray:
+    """The `values` array of record `key`, checked for presence, dtype, length and finiteness. With
+    `view`, a read-only view of the received bytes (no copy: the server's replies); otherwise a copy
+    the caller may write to."""
     if key not in content or not isinstance(content[key], ArrayRecord) or "values" not in content[key]:
         raise ReplyError(f"reply has no '{key}' array")
     if len(content[key]) != 1:
         raise ReplyError(f"'{key}' must hold only its 'values' array, got {sorted(content[key])[:5]}")
-    values = content[key]["values"].numpy()
+    try:
+        values = array_view(content[key]["values"])
+    except ValueError as err:
+        raise ReplyError(f"'{key}' is not a numpy array: {err}") from None
     if values.dtype != np.dtype(dtype) or values.ndim != 1:
         raise ReplyError(f"'{key}' must be a flat {np.dtype(dtype).name} array, got {values.dtype} {values.shape}")
     if values.size != length:
         raise ReplyError(f"'{key}' has {values.size} values, expected {length}")
-    if values.dtype.kind == "f" and not np.isfinite(values).all():
+    if values.dtype.kind == "f" and not all_finite(values):
         raise ReplyError(f"'{key}' holds NaN or Inf")
-    return values
+    return values if view else values.copy()
 
 
-def read_buffers(content: RecordDict, length: int) -> np.ndarray:
+def read_buffers(content: RecordDict, length: int, *, view: bool = False) -> np.ndarray:
     """The float32 `buffers` of a message, or none for a model without buffers."""
     if length:
-        return read_vector(content, "buffers", length)
+        return read_vector(content, "buffers", length, view=view)
     if "buffers" in content:  # the sender has no buffers to send: whatever came is not the model's
         raise ReplyError("'buffers' sent for a model without buffers")
     return np.zeros(0, dtype=np.float32)
@@ -76,7 +122,7 @@ def codec_rng(
 
 def encoded_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     """A codec's arrays (`fedcmd.codecs`) as the array record that carries them."""
-    return ArrayRecord({name: Array(np.ascontiguousarray(values)) for name, values in arrays.items()})
+    return ArrayRecord({name: numpy_array(values) for name, values in arrays.items()})
 
 
 def read_encoded(content: RecordDict, key: str, length: int, codec: Codec) -> np.ndarray:

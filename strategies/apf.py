@@ -58,11 +58,12 @@ import numpy as np
 from flwr.app import ArrayRecord, RecordDict
 
 from fedcmd.accountant import fedavg_floats
+from fedcmd.aggregation import ExactMean
 from fedcmd.apf import FreezingController
 from fedcmd.checkpoint import CheckpointError, array_entry, by_round, checked, entry, load_part, within
 from fedcmd.protocols.apf import ACTIVE, CATCH_UP_KINDS, CHANGED, HEAD, MASKS, REPLY_METRICS, SyncHead, pack_mask
 from fedcmd.wire import ReplyError, vector_record
-from strategies.base import FedcmdStrategy, Reply, read_int, shown, weighted_mean
+from strategies.base import FedcmdStrategy, read_int, shown
 
 
 @dataclass(frozen=True)
@@ -178,13 +179,11 @@ class APF(FedcmdStrategy):
             acked.model_version if kind != "full" else -1,
             acked.mask_version if kind in ("derived", "delta") else None,
         )
-        values = self.weights if index is None else self.weights[index]
-        content = RecordDict(
-            {
-                HEAD: head.record(),
-                "weights": self.dense_record("weights", values, self.broadcast if kind == "delta" else None),
-            }
-        )
+        if index is None:  # the whole model, in float32: the same bytes for every such client
+            weights = self.shared("weights", lambda: self.dense_record("weights", self.weights, None))
+        else:
+            weights = self.dense_record("weights", self.weights[index], self.broadcast if kind == "delta" else None)
+        content = RecordDict({HEAD: head.record(), "weights": weights})
         masks = {}
         if kind == "explicit":
             changed = np.zeros(self.weights.size, dtype=bool)
@@ -196,7 +195,7 @@ class APF(FedcmdStrategy):
         if masks:
             content[MASKS] = ArrayRecord(masks)
         if self.buffers.size:
-            content["buffers"] = vector_record(self.buffers)
+            content["buffers"] = self.shared("buffers", lambda: vector_record(self.buffers))
         self.catch_ups[server_round][kind] += 1
         self.sent[partition_id] = Acked(server_round - 1, self.mask.version)
         return content
@@ -207,9 +206,9 @@ class APF(FedcmdStrategy):
         held = Acked(read_int(metrics, "model-version"), read_int(metrics, "mask-version"))
         if held != sent:
             raise ReplyError(f"client holds model/mask versions {held}, expected {sent}")
-        return APFUpdate(
-            self.read_values(content, "weights", self.weights[self.mask.index]), self.read_buffer_values(content), held
-        )
+        index = self.mask.index
+        weights = self.read_values(content, "weights", index.size, lambda: self.weights[index])
+        return APFUpdate(weights, self.read_buffer_values(content), held)
 
     def update_pairs(self, update: APFUpdate) -> list[tuple[np.ndarray, np.ndarray]]:
         return [(update.weights, self.weights[self.mask.index]), (update.buffers, self.buffers)]
@@ -225,15 +224,16 @@ class APF(FedcmdStrategy):
         self.on_reply_rejected(0, partition_id)
 
     # ----- aggregation and the stability check -------------------------------------------------
-    def aggregate(self, server_round: int, replies: list[Reply]) -> None:
-        counts = [r.examples for r in replies]
-        before = self.weights
-        self.weights = before.copy()
-        self.weights[self.mask.index] = weighted_mean([r.update.weights for r in replies], counts)
+    def accumulators(self, server_round: int, max_examples: int) -> dict[str, ExactMean]:
+        return {"weights": self.mean_over(self.mask.index, max_examples), **self.buffer_mean(max_examples)}
+
+    def aggregate(self, server_round: int, means: dict[str, ExactMean]) -> None:
+        before = self.weights.copy()
+        means.pop("weights").mean_into(self.weights, self.mask.index)
         self.publish(server_round, before, {"weights": self.mask.index})
         self.changed_in[self.weights != before] = server_round
-        if self.buffers.size:
-            self.buffers = weighted_mean([r.update.buffers for r in replies], counts)
+        if "buffers" in means:
+            means.pop("buffers").mean_into(self.buffers)
 
     def aggregate_train(self, server_round, replies):
         result = super().aggregate_train(server_round, replies)

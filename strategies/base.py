@@ -30,17 +30,19 @@ with its reason, whatever the exception; nothing in a reply can end the run):
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedcmd import task
 from fedcmd.accountant import VolumeAccountant
+from fedcmd.aggregation import ExactMean, RefusedValues
 from fedcmd.checkpoint import CheckpointError, array_entry, by_round, entry, load_part, within
 from fedcmd.codecs import CodecError, describe, with_error_feedback
 from fedcmd.config import client_keys
@@ -82,21 +84,15 @@ def read_number(metrics: MetricRecord, key: str) -> float:
     return float(value)
 
 
-def change_norm(pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> float:
-    """L2 norm of (returned - sent) over all pairs, in float64 (float32 squares overflow near 1e19)."""
+def change_norm(pairs: Iterable[tuple[np.ndarray, np.ndarray]], chunk: int = 1 << 16) -> float:
+    """L2 norm of (returned - sent) over all pairs, in float64 (float32 squares overflow near 1e19),
+    a chunk at a time (no copy of a whole vector)."""
     total = 0.0
     for returned, sent in pairs:
-        diff = returned.astype(np.float64) - sent.astype(np.float64)
-        total += float(np.dot(diff, diff))
+        for lo in range(0, returned.size, chunk):
+            diff = returned[lo : lo + chunk].astype(np.float64) - sent[lo : lo + chunk]
+            total += float(np.dot(diff, diff))
     return float(np.sqrt(total))
-
-
-def weighted_mean(vectors: list[np.ndarray], weights: list[float]) -> np.ndarray:
-    """Sample-weighted mean, accumulated in float64 so the order of clients does not matter."""
-    total = np.zeros(vectors[0].shape, dtype=np.float64)
-    for vec, w in zip(vectors, weights):
-        total += w * vec.astype(np.float64, copy=False)
-    return (total / float(sum(weights))).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -117,16 +113,6 @@ class RoundLog:
     refused: list[tuple[int, str]] = field(default_factory=list)  # (node id, why discovery refused its claim)
     train_loss: float = float("nan")
     train_seconds: float = 0.0  # sum over accepted replies of the clients' own optimizer-step time
-
-
-class Reply(NamedTuple):
-    """An accepted reply, as `aggregate` gets it: the partition it answers for, the examples it
-    stands for (the server's count of that partition) and the strategy's typed update
-    (what its `parse_reply` returned)."""
-
-    partition_id: int
-    examples: float
-    update: Any
 
 
 # Metrics every client sends: its example count (checked), and figures that are only reported
@@ -183,9 +169,17 @@ class FedcmdStrategy(Strategy):
         wrong, and change nothing. Dense payloads are read through `read_values` (the uplink codec)."""
         raise NotImplementedError
 
-    def aggregate(self, server_round: int, replies: list[Reply]) -> None:
-        """Turn the round's accepted replies (at least one, in partition order) into the next global
-        model (`self.weights`, `self.buffers`); under a lossy `codec-down`, end with `publish`."""
+    def accumulators(self, server_round: int, max_examples: int) -> dict[str, ExactMean]:
+        """The means the round's accepted replies are added to as they arrive, by the name of the
+        update field (of `parse_reply`'s NamedTuple) each one averages; built before the first reply
+        from the model sent (`mean_over`, `buffer_mean`). `max_examples`: the round's clients' examples
+        together. A field that is None in an update is not added."""
+        raise NotImplementedError
+
+    def aggregate(self, server_round: int, means: dict[str, ExactMean]) -> None:
+        """Turn the means (at least one reply added to each) into the next global model
+        (`self.weights`, `self.buffers`, which may be written in place); under a lossy `codec-down`,
+        end with `publish`. Pop each mean once read: its accumulator is 8 bytes per value."""
         raise NotImplementedError
 
     def update_pairs(self, update: Any) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -205,6 +199,42 @@ class FedcmdStrategy(Strategy):
     def round_metrics(self, server_round: int) -> dict[str, float]:
         """Per-round figures for the metrics table (e.g. frozen or embedded fraction)."""
         return {}
+
+    # ----- aggregation (fedcmd.aggregation) ------------------------------------------------------
+    def _offsets(self, which: int, size: int) -> np.ndarray:
+        """Tensor start offsets of the weights (0) or buffers (1) of the configured model; one
+        segment when the vectors are not that model's (a strategy built on bare vectors, in tests)."""
+        if not hasattr(self, "_layout_offsets"):
+            try:
+                layouts = task.layouts(self.config)
+                self._layout_offsets = tuple(np.asarray(layout.offsets, dtype=np.int64) for layout in layouts)
+            except Exception:  # no model to lay out: every vector is one segment
+                self._layout_offsets = (np.zeros(1, np.int64), np.zeros(1, np.int64))
+        offsets = self._layout_offsets[which]
+        return offsets if offsets[-1] == size else np.zeros(1, np.int64)
+
+    def mean_over(self, positions: np.ndarray | slice, max_examples: int, *, each: bool = False) -> ExactMean:
+        """A mean of replies' values for `self.weights[positions]` (ascending indices or a slice), one
+        grid per tensor (per value with `each`, for a few scattered weights such as CMD's references)."""
+        offsets = self._offsets(0, self.weights.size)
+        return ExactMean.over(self.weights, positions, offsets, max_examples, each=each)
+
+    def buffer_mean(self, max_examples: int) -> dict[str, ExactMean]:
+        """{"buffers": the mean of the replies' buffers}, or {} for a model without buffers."""
+        if not self.buffers.size:
+            return {}
+        offsets = self._offsets(1, self.buffers.size)
+        return {"buffers": ExactMean.over(self.buffers, slice(None), offsets, max_examples)}
+
+    # ----- payloads shared by the messages of a round -------------------------------------------
+    def shared(self, key: Any, build: Callable[[], Any]) -> Any:
+        """`build()` once per round for `key`: every client that needs the same bytes gets the same
+        record object (built, and sized by the accountant's sizer, once). Emptied when the round's
+        replies are aggregated, so nothing outlives its round."""
+        payloads = self.__dict__.setdefault("_payloads", {})
+        if key not in payloads:
+            payloads[key] = build()
+        return payloads[key]
 
     # ----- shared mechanics ------------------------------------------------------------------
     def cohort(self, server_round: int) -> np.ndarray:
@@ -251,12 +281,13 @@ class FedcmdStrategy(Strategy):
         return ConfigRecord(values)
 
     # ----- the wire codecs ---------------------------------------------------------------------
-    def read_values(self, content: RecordDict, key: str, sent: np.ndarray) -> np.ndarray:
-        """A reply's values of record `key`, where the server sent the values `sent`: as they came
-        (codec-up none), or `sent` plus the decoded change (both sides hold `sent` exactly)."""
+    def read_values(self, content: RecordDict, key: str, length: int, sent: Callable[[], np.ndarray]) -> np.ndarray:
+        """A reply's `length` values of record `key`, where the server sent the values `sent()`: as
+        they came (codec-up none: a read-only view of the reply's bytes, no copy), or the sent values
+        plus the decoded change (both sides hold them exactly; `sent` is only called then)."""
         if self.codec_up.lossless:
-            return read_vector(content, key, sent.size)
-        values = sent + read_encoded(content, key, sent.size, self.codec_up)
+            return read_vector(content, key, length, view=True)
+        values = sent() + read_encoded(content, key, length, self.codec_up)
         if not np.isfinite(values).all():
             raise ReplyError(f"'{key}': the decoded change overflows float32")
         return values
@@ -264,7 +295,9 @@ class FedcmdStrategy(Strategy):
     def read_buffer_values(self, content: RecordDict) -> np.ndarray:
         """The reply's buffers (through the uplink codec like any dense values), or none for a
         model without buffers."""
-        return self.read_values(content, "buffers", self.buffers) if self.buffers.size else read_buffers(content, 0)
+        if not self.buffers.size:
+            return read_buffers(content, 0)
+        return self.read_values(content, "buffers", self.buffers.size, lambda: self.buffers)
 
     def publish(self, server_round: int, before: np.ndarray, positions: dict[str, np.ndarray | slice]) -> None:
         """After aggregation, under a lossy `codec-down`: encode the change of the global weights at
@@ -318,6 +351,7 @@ class FedcmdStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord | None, config: ConfigRecord | None, grid: Grid
     ) -> Iterable[Message]:
         self.sent_version.clear()
+        self.__dict__.get("_payloads", {}).clear()
         log_ = self.rounds.setdefault(server_round, RoundLog())
         log_.sampled = [int(p) for p in self.cohort(server_round)]
         messages = []
@@ -342,12 +376,26 @@ class FedcmdStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Read, check and add each reply as it arrives (`replies` may be a stream: each reply is
+        dropped once added), then make the next global model from the means.
+
+        Nothing depends on the order replies arrive in: the means are exact (`fedcmd.aggregation`),
+        figures summed over replies are summed with `math.fsum` (exactly rounded), and the round's
+        lists and volume rows are sorted by partition at the end."""
         log_ = self.rounds.setdefault(server_round, RoundLog())
-        sent = getattr(self, "outbox", {}).pop(server_round, {})
-        asked = {msg.metadata.message_id: pid for pid, msg in sent.items() if msg.metadata.message_id}
-        answered: dict[int, Message] = {}
+        outbox = getattr(self, "outbox", {}).pop(server_round, {})
+        self.__dict__.get("_payloads", {}).clear()  # the round's shared payloads are sent
+        # The grid gave the messages their ids when it sent them; their contents are its to drop now.
+        asked = {m.metadata.message_id: (p, m.metadata.dst_node_id) for p, m in outbox.items()}
+        asked.pop("", None)
+        sent, outbox = list(outbox), None
+        max_examples = sum(self.examples_of(pid) for pid in sent)
+        means = self.accumulators(server_round, max_examples) if sent else {}
+        answered: set[int] = set()
+        losses, seconds = [], []
+        first_row = len(self.accountant.rows)
         for reply in replies:
-            pid = asked.get(reply.metadata.reply_to_message_id)
+            pid, node = asked.get(reply.metadata.reply_to_message_id, (None, None))
             if pid is None or pid in answered:
                 log.warning(
                     "round %d: ignoring a reply (from node %s) that answers no train message of this "
@@ -356,16 +404,18 @@ class FedcmdStrategy(Strategy):
                     reply.metadata.src_node_id,
                 )
                 continue
-            answered[pid] = reply
-        # Replies are read in partition order, not arrival order, so that every float sum over them
-        # (train loss, client seconds) and every table row is the same however the nodes raced.
-        updates, losses, seen = [], [], set(answered)
-        for pid, reply in sorted(answered.items()):
+            answered.add(pid)
             self.accountant.record_message(server_round, pid, "up", reply)
             try:
-                update, examples, loss, seconds = self.read_reply(
-                    server_round, pid, reply, sent[pid].metadata.dst_node_id
-                )
+                update, examples, loss, spent = self.read_reply(server_round, pid, reply, node)
+                vectors = {}
+                for key, mean in means.items():
+                    values = getattr(update, key)
+                    if values is not None:
+                        try:
+                            vectors[key] = mean.check(values)
+                        except RefusedValues as err:
+                            raise ReplyError(f"'{key}': {err}") from None
             except Exception as err:  # whatever a reply makes fail (TypeError, ...), the reply is at fault
                 reason = str(err) if isinstance(err, ReplyError) else f"unreadable reply: {type(err).__name__}: {err}"
                 reason = reason[:300] + " ..." if len(reason) > 300 else reason
@@ -374,21 +424,30 @@ class FedcmdStrategy(Strategy):
                 self.held.pop(pid, None)
                 self.on_reply_rejected(server_round, pid)
                 continue
-            updates.append(Reply(pid, examples, update))
+            for key, values in vectors.items():
+                means[key].add(values, int(examples))
             losses.append(loss)
-            log_.train_seconds += seconds
+            seconds.append(spent)
             log_.accepted.append(pid)
             if pid in self.sent_version:  # the reply stated the model version it was sent (read_reply)
                 self.held[pid] = self.sent_version[pid]
             self.on_reply_accepted(server_round, pid, update)
-        for pid in sorted(set(log_.sent) - seen):
+            reply = update = vectors = values = None  # before the next reply arrives: one reply held at a time
+        for pid in sorted(set(log_.sent) - answered):
             log_.rejected.append((pid, "no reply before the round timeout"))
-        if updates:
-            self.aggregate(server_round, updates)
-            log_.train_loss = float(np.nanmean(losses)) if losses else float("nan")
+        # The round's records in partition order, whatever order the replies came in.
+        log_.accepted.sort()
+        log_.rejected.sort(key=lambda item: item[0])
+        self.accountant.rows[first_row:] = sorted(self.accountant.rows[first_row:], key=lambda row: row.client)
+        log_.train_seconds += math.fsum(seconds)
+        if log_.accepted:
+            self.aggregate(server_round, means)
+            log_.train_loss = math.fsum(losses) / len(losses)
         else:
             log.warning("round %d: no usable reply; the global model is unchanged", server_round)
-        return self.global_arrays(), MetricRecord({"accepted": len(updates)})
+        means.clear()
+        # The global model is `weights` and `buffers` (fedcmd.server reads them): no copy of it per round.
+        return None, MetricRecord({"accepted": len(log_.accepted)})
 
     def read_reply(
         self, server_round: int, partition_id: int, reply: Message, node_id: int
@@ -438,9 +497,6 @@ class FedcmdStrategy(Strategy):
     def examples_of(self, partition_id: int) -> int:
         """Size of a partition as the server derives it from the config (cached per process)."""
         return len(task.partitions(self.config)[partition_id])
-
-    def global_arrays(self) -> ArrayRecord:
-        return ArrayRecord({"weights": Array(self.weights), "buffers": Array(self.buffers)})
 
     # Central evaluation happens on the server (fedcmd.server); no client-side evaluation rounds.
     def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:

@@ -46,11 +46,12 @@ from flwr.app import RecordDict
 
 from fedcmd import task
 from fedcmd.accountant import fedavg_floats
+from fedcmd.aggregation import ExactMean
 from fedcmd.checkpoint import CheckpointError, array_entry, by_round, entry, load_part
 from fedcmd.cmd import EmbeddingSchedule, OnlineCMD  # noqa: F401
 from fedcmd.protocols.cmd import REPLY_METRICS, EmbeddingEvent, encode_events, mode_dtype, rebuild_embedded
 from fedcmd.wire import ReplyError, read_vector, vector_record
-from strategies.base import FedcmdStrategy, Reply, read_int, shown, weighted_mean
+from strategies.base import FedcmdStrategy, read_int, shown
 
 
 class CMDUpdate(NamedTuple):
@@ -120,6 +121,24 @@ class CMD(FedcmdStrategy):
         if server_round not in self.paper_floats:
             self._count_paper_floats(server_round)
         from_version = self.acked.get(partition_id, 0)
+        content = RecordDict(dict(self.shared(("events", from_version), lambda: self._events_records(from_version))))
+        head, broadcast = self.sync_head(server_round, partition_id)
+        if head is not None:
+            content["sync"] = head
+        content["weights"] = self.shared(
+            ("weights", broadcast is None),
+            lambda: self.dense_record("weights", self.weights[self.free_index], broadcast),
+        )
+        if self.version:  # exact (see the module docstring)
+            content["references"] = self.shared("references", lambda: vector_record(self.weights[self.reference_index]))
+        if self.buffers.size:
+            content["buffers"] = self.shared("buffers", lambda: vector_record(self.buffers))
+        self.sent[(server_round, partition_id)] = self.version
+        return content
+
+    def _events_records(self, from_version: int) -> dict:
+        """The records that bring a store from `from_version` to the current one (the same for every
+        client that holds that version this round)."""
         content = encode_events(
             self.events[from_version:],
             self.weights.size,
@@ -129,16 +148,7 @@ class CMD(FedcmdStrategy):
             self.n_modes,
         )
         content["cmd"]["hold-references"] = self.references_held
-        head, broadcast = self.sync_head(server_round, partition_id)
-        if head is not None:
-            content["sync"] = head
-        content["weights"] = self.dense_record("weights", self.weights[self.free_index], broadcast)
-        if self.version:
-            content["references"] = vector_record(self.weights[self.reference_index])  # exact (see docstring)
-        if self.buffers.size:
-            content["buffers"] = vector_record(self.buffers)
-        self.sent[(server_round, partition_id)] = self.version
-        return content
+        return dict(content)
 
     def parse_reply(self, server_round: int, partition_id: int, content: RecordDict) -> CMDUpdate:
         held = read_int(content["metrics"], "store-version")
@@ -146,10 +156,10 @@ class CMD(FedcmdStrategy):
             raise ReplyError(
                 f"client holds coefficient store version {held}, expected {self.sent[(server_round, partition_id)]}"
             )
-        weights = self.read_values(content, "weights", self.weights[self.free_index])
+        weights = self.read_values(content, "weights", self.free_index.size, lambda: self.weights[self.free_index])
         if not self.version and "references" in content:
             raise ReplyError("'references' sent before any weight was embedded")
-        references = read_vector(content, "references", self.reference_index.size) if self.version else None
+        references = read_vector(content, "references", self.reference_index.size, view=True) if self.version else None
         return CMDUpdate(weights, references, self.read_buffer_values(content), held)
 
     def update_pairs(self, update: CMDUpdate) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -170,16 +180,22 @@ class CMD(FedcmdStrategy):
         # Clients skip events they already hold, so this costs bytes, never correctness.
         self.acked.pop(partition_id, None)
 
-    def aggregate(self, server_round: int, replies: list[Reply]) -> None:
-        counts = [r.examples for r in replies]
-        theta = self.weights.copy()
-        theta[self.free_index] = weighted_mean([r.update.weights for r in replies], counts)
+    def accumulators(self, server_round: int, max_examples: int) -> dict[str, ExactMean]:
+        means = {"weights": self.mean_over(self.free_index, max_examples)}
         if self.version and not self.references_held:
-            theta[self.reference_index] = weighted_mean([r.update.references for r in replies], counts)
-            rebuild_embedded(theta, self.embedded_index, self.emb_a, self.emb_b, self.emb_mode, self.reference_index)
-        if self.buffers.size:
-            self.buffers = weighted_mean([r.update.buffers for r in replies], counts)
-        before, self.weights = self.weights, theta
+            means["references"] = self.mean_over(self.reference_index, max_examples, each=True)
+        return {**means, **self.buffer_mean(max_examples)}
+
+    def aggregate(self, server_round: int, means: dict[str, ExactMean]) -> None:
+        before = self.weights if self.codec_down.lossless else self.weights.copy()  # publish's reference
+        means.pop("weights").mean_into(self.weights, self.free_index)
+        if "references" in means:
+            means.pop("references").mean_into(self.weights, self.reference_index)
+            rebuild_embedded(
+                self.weights, self.embedded_index, self.emb_a, self.emb_b, self.emb_mode, self.reference_index
+            )
+        if "buffers" in means:
+            means.pop("buffers").mean_into(self.buffers)
         self._advance_cmd(server_round)
         # The broadcast covers the weights the next messages send densely (after this round's event).
         self.publish(server_round, before, {"weights": self.free_index})

@@ -53,14 +53,14 @@ class LossyGrid(LocalGrid):
         super().__init__(*args, **kwargs)
         self.lose_replies = set(lose_replies)
 
-    def send_and_receive(self, messages, *, timeout=None):
+    def replies(self, messages):
         messages = list(messages)
         pids = {
             m.metadata.dst_node_id: self.contexts[m.metadata.dst_node_id].node_config["partition-id"]
             for m in messages
             if m.metadata.dst_node_id in self.contexts
         }
-        replies = super().send_and_receive(messages, timeout=timeout)
+        replies = list(super().replies(messages))
         return [
             r
             for r in replies

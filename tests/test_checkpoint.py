@@ -86,15 +86,15 @@ class Crash(RuntimeError):
 def crashing_grid(num_nodes, at_round):
     """A grid whose server side dies when round `at_round` sends its training messages."""
     grid = LocalGrid(client_app, num_nodes)
-    original = grid.send_and_receive
+    original = grid.replies
 
-    def send(messages, *, timeout=None):
+    def send(messages):
         messages = list(messages)
         if messages and messages[0].metadata.group_id == str(at_round):
             raise Crash(f"server killed in round {at_round}")
-        return original(messages, timeout=timeout)
+        return original(messages)
 
-    grid.send_and_receive = send
+    grid.replies = send
     return grid
 
 

@@ -105,15 +105,15 @@ def test_restarted_client_refuses_a_gap_then_catches_up(cmd_config, tmp_path, mo
     grid = LocalGrid(client_app, 4)
     # Wipe client 2's store after round 5 without the server knowing (same node id): its next
     # delta starts past version 0, the client must refuse it, and the round after it catches up.
-    original = grid.send_and_receive
+    original = grid.replies
 
-    def send(messages, *, timeout=None):
+    def send(messages):
         messages = list(messages)
         if messages and messages[0].metadata.group_id == "6" and messages[0].metadata.message_type == "train":
             grid.contexts[grid.node_of(2)].state.pop(cmd_client.STORE_KEY, None)
-        return original(messages, timeout=timeout)
+        return original(messages)
 
-    monkeypatch.setattr(grid, "send_and_receive", send)
+    monkeypatch.setattr(grid, "replies", send)
     run_inprocess(config, tmp_path, progress=False, grid=grid)
     with open(tmp_path / "rejections.csv") as fh:
         rejections = list(csv.DictReader(fh))

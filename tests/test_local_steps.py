@@ -160,16 +160,16 @@ def grid_crashing_after_clients_trained(num_nodes, at_round):
     """The server dies once round `at_round`'s clients have trained (and stored their new state),
     before it aggregates: the resumed run must not use the state those clients wrote in that round."""
     grid = LocalGrid(client_app, num_nodes)
-    original = grid.send_and_receive
+    original = grid.replies
 
-    def send(messages, *, timeout=None):
+    def send(messages):
         messages = list(messages)
-        replies = original(messages, timeout=timeout)
+        replies = list(original(messages))
         if messages and messages[0].metadata.group_id == str(at_round):
             raise Crash(f"server killed in round {at_round}")
         return replies
 
-    grid.send_and_receive = send
+    grid.replies = send
     return grid
 
 

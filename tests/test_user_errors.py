@@ -102,15 +102,15 @@ def test_a_refused_run_leaves_its_folder_as_it_was(tmp_path, capsys):
 def test_tables_are_written_round_by_round(small_config, tmp_path):
     config = dict(small_config, **{"num-server-rounds": 4, "local-epochs": 1, "model": "mlp"})
     grid = LocalGrid(client_app, 4, fail=lambda rnd, pid, kind: kind == "train" and (rnd, pid) == (2, 1))
-    original = grid.send_and_receive
+    original = grid.replies
 
-    def send(messages, *, timeout=None):
+    def send(messages):
         messages = list(messages)
         if messages and messages[0].metadata.group_id == "3":
             raise KeyboardInterrupt  # as a user's Ctrl-C in round 3 would
-        return original(messages, timeout=timeout)
+        return original(messages)
 
-    grid.send_and_receive = send
+    grid.replies = send
     with pytest.raises(KeyboardInterrupt):
         run_inprocess(config, tmp_path, progress=False, grid=grid)
     assert [row["round"] for row in read_csv(tmp_path / "metrics.csv")] == ["0", "1", "2"]
