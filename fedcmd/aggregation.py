@@ -133,9 +133,17 @@ class ExactMean:
         segments = [(i, i + 1) for i in range(size)] if each else segments_of(positions, offsets, model.size)
         return cls(segments, segment_maxima(model, positions, segments), max_examples)
 
+    def _refusal(self, value: float, start: int, stop: int, limit: np.float32) -> RefusedValues:
+        if not math.isfinite(value):
+            return RefusedValues(f"holds NaN or Inf (a {value} in [{start}, {stop}))")
+        return RefusedValues(
+            f"value {value:.4g} in [{start}, {stop}) is beyond {float(limit):.4g} "
+            f"(2^{HEADROOM_BITS} x that segment's largest magnitude sent, at least {FLOOR})"
+        )
+
     def check(self, values: np.ndarray) -> np.ndarray:
-        """`values` as a flat float32 vector that `add` takes, or RefusedValues saying why not.
-        Reads the vector once; nothing is added."""
+        """`values` as a flat float32 vector that `add` takes, or RefusedValues saying why not; nothing
+        is added. (`add` checks as it goes, so a caller need not call this first.)"""
         values = np.asarray(values)
         if values.dtype != np.float32 or values.shape != (self.size,):
             raise RefusedValues(f"expected {self.size} float32 values, got {values.dtype} {values.shape}")
@@ -143,31 +151,58 @@ class ExactMean:
             part = values[start:stop]
             low, high = part.min(), part.max()
             if not (-limit <= low and high <= limit):  # False for NaN too
-                bad = low if not -limit <= low else high
-                raise RefusedValues(
-                    f"value {float(bad):.4g} in [{start}, {stop}) is not finite or beyond {float(limit):.4g} "
-                    f"(2^{HEADROOM_BITS} x that segment's largest magnitude sent, at least {FLOOR})"
-                )
+                raise self._refusal(float(low if not -limit <= low else high), start, stop, limit)
         return values
 
     def add(self, values: np.ndarray, examples: int) -> None:
-        """Add a reply's values with weight `examples` (an integer); `check` them first."""
+        """Add a reply's values with weight `examples` (a positive integer), or raise RefusedValues
+        (wrong shape or dtype, a value not finite or beyond its segment's limit) with nothing added:
+        the values are checked chunk by chunk as they are added, and on a refusal the chunks already
+        added are taken out again, exactly (the sums are integers)."""
         if isinstance(examples, bool) or int(examples) != examples or not 0 < examples:
             raise ValueError(f"examples must be a positive integer, got {examples!r}")
         examples = int(examples)
         if self.examples + examples > self.max_examples:
             raise ValueError(f"more examples than the bound: {self.examples} + {examples} > {self.max_examples}")
-        values = self.check(values)
+        values = np.asarray(values)
+        if values.dtype != np.float32 or values.shape != (self.size,):
+            raise RefusedValues(f"expected {self.size} float32 values, got {values.dtype} {values.shape}")
+        done = 0
+        try:
+            for (start, stop), q, limit in zip(self.segments, self.grid, self.limit):
+                factor = examples / q  # exact: an integer over a power of two
+                for lo in range(start, stop, CHUNK):
+                    hi = min(lo + CHUNK, stop)
+                    t = self._scratch[: hi - lo]
+                    np.copyto(t, values[lo:hi])
+                    low, high = t.min(), t.max()
+                    if not (-limit <= low and high <= limit):  # False for NaN too
+                        raise self._refusal(float(low if not -limit <= low else high), start, stop, limit)
+                    t *= factor
+                    np.rint(t, out=t)
+                    self.total[lo:hi] += t
+                    done = hi
+        except RefusedValues:
+            self._take_out(values, examples, done)
+            raise
+        self.examples += examples
+
+    def remove(self, values: np.ndarray, examples: int) -> None:
+        """Undo `add(values, examples)` exactly (a reply refused for another vector after this one)."""
+        self._take_out(np.asarray(values), int(examples), self.size)
+        self.examples -= int(examples)
+
+    def _take_out(self, values: np.ndarray, examples: int, stop_at: int) -> None:
+        """Subtract the terms `add` added for values[:stop_at]: rint is symmetric, so -rint(y) = rint(-y)."""
         for (start, stop), q in zip(self.segments, self.grid):
-            factor = examples / q  # exact: an integer over a power of two
-            for lo in range(start, stop, CHUNK):
-                hi = min(lo + CHUNK, stop)
+            factor = -examples / q
+            for lo in range(start, min(stop, stop_at), CHUNK):
+                hi = min(lo + CHUNK, stop, stop_at)
                 t = self._scratch[: hi - lo]
                 np.copyto(t, values[lo:hi])
                 t *= factor
                 np.rint(t, out=t)
                 self.total[lo:hi] += t
-        self.examples += examples
 
     def mean_into(self, out: np.ndarray, index: np.ndarray | slice | None = None) -> None:
         """Write the mean (float32) into `out[index]` (all of `out` when index is None): out must be

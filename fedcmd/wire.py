@@ -39,13 +39,16 @@ def numpy_array(values: np.ndarray) -> Array:
     return Array(dtype=str(values.dtype), shape=tuple(values.shape), stype="numpy.ndarray", data=data)
 
 
+HEADER_LIMIT = 1 << 16  # bytes read for a .npy header (numpy writes ~128; version 2 allows more: refused)
+
+
 def array_view(array: Array) -> np.ndarray:
     """A read-only numpy view of an Array's .npy bytes (no copy, unlike `Array.numpy()`); the same
     checks as `np.load` without pickles: ValueError if the bytes are not one plain array."""
     if array.stype != "numpy.ndarray":
         raise ValueError(f"not a numpy array: stype {array.stype!r}")
     data = array.data
-    stream = io.BytesIO(data)
+    stream = io.BytesIO(bytes(memoryview(data)[:HEADER_LIMIT]))  # the header only: no copy of the values
     version = np.lib.format.read_magic(stream)
     if version == (1, 0):
         shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
@@ -75,10 +78,12 @@ def all_finite(values: np.ndarray) -> bool:
     return values.size == 0 or bool(np.isfinite(values.min()) and np.isfinite(values.max()))
 
 
-def read_vector(content: RecordDict, key: str, length: int, dtype=np.float32, *, view: bool = False) -> np.ndarray:
-    """The `values` array of record `key`, checked for presence, dtype, length and finiteness. With
-    `view`, a read-only view of the received bytes (no copy: the server's replies); otherwise a copy
-    the caller may write to."""
+def read_vector(
+    content: RecordDict, key: str, length: int, dtype=np.float32, *, view: bool = False, finite: bool = True
+) -> np.ndarray:
+    """The `values` array of record `key`, checked for presence, dtype, length and (unless `finite`
+    is False: the caller checks it) finiteness. With `view`, a read-only view of the received bytes
+    (no copy: the server's replies); otherwise a copy the caller may write to."""
     if key not in content or not isinstance(content[key], ArrayRecord) or "values" not in content[key]:
         raise ReplyError(f"reply has no '{key}' array")
     if len(content[key]) != 1:
@@ -91,7 +96,7 @@ def read_vector(content: RecordDict, key: str, length: int, dtype=np.float32, *,
         raise ReplyError(f"'{key}' must be a flat {np.dtype(dtype).name} array, got {values.dtype} {values.shape}")
     if values.size != length:
         raise ReplyError(f"'{key}' has {values.size} values, expected {length}")
-    if values.dtype.kind == "f" and not all_finite(values):
+    if finite and values.dtype.kind == "f" and not all_finite(values):
         raise ReplyError(f"'{key}' holds NaN or Inf")
     return values if view else values.copy()
 

@@ -50,6 +50,7 @@ from fedcmd.sampling import sample_cohort
 from fedcmd.wire import (
     PAYLOAD_KEYS,
     ReplyError,
+    all_finite,
     codec_rng,
     encoded_record,
     make_codec,
@@ -285,8 +286,8 @@ class FedcmdStrategy(Strategy):
         """A reply's `length` values of record `key`, where the server sent the values `sent()`: as
         they came (codec-up none: a read-only view of the reply's bytes, no copy), or the sent values
         plus the decoded change (both sides hold them exactly; `sent` is only called then)."""
-        if self.codec_up.lossless:
-            return read_vector(content, key, length, view=True)
+        if self.codec_up.lossless:  # finiteness is checked where the values are added (`_add_update`)
+            return read_vector(content, key, length, view=True, finite=False)
         values = sent() + read_encoded(content, key, length, self.codec_up)
         if not np.isfinite(values).all():
             raise ReplyError(f"'{key}': the decoded change overflows float32")
@@ -408,14 +409,7 @@ class FedcmdStrategy(Strategy):
             self.accountant.record_message(server_round, pid, "up", reply)
             try:
                 update, examples, loss, spent = self.read_reply(server_round, pid, reply, node)
-                vectors = {}
-                for key, mean in means.items():
-                    values = getattr(update, key)
-                    if values is not None:
-                        try:
-                            vectors[key] = mean.check(values)
-                        except RefusedValues as err:
-                            raise ReplyError(f"'{key}': {err}") from None
+                self._add_update(means, update, int(examples))
             except Exception as err:  # whatever a reply makes fail (TypeError, ...), the reply is at fault
                 reason = str(err) if isinstance(err, ReplyError) else f"unreadable reply: {type(err).__name__}: {err}"
                 reason = reason[:300] + " ..." if len(reason) > 300 else reason
@@ -424,15 +418,13 @@ class FedcmdStrategy(Strategy):
                 self.held.pop(pid, None)
                 self.on_reply_rejected(server_round, pid)
                 continue
-            for key, values in vectors.items():
-                means[key].add(values, int(examples))
             losses.append(loss)
             seconds.append(spent)
             log_.accepted.append(pid)
             if pid in self.sent_version:  # the reply stated the model version it was sent (read_reply)
                 self.held[pid] = self.sent_version[pid]
             self.on_reply_accepted(server_round, pid, update)
-            reply = update = vectors = values = None  # before the next reply arrives: one reply held at a time
+            reply = update = None  # before the next reply arrives: one reply held at a time
         for pid in sorted(set(log_.sent) - answered):
             log_.rejected.append((pid, "no reply before the round timeout"))
         # The round's records in partition order, whatever order the replies came in.
@@ -448,6 +440,27 @@ class FedcmdStrategy(Strategy):
         means.clear()
         # The global model is `weights` and `buffers` (fedcmd.server reads them): no copy of it per round.
         return None, MetricRecord({"accepted": len(log_.accepted)})
+
+    @staticmethod
+    def _add_update(means: dict[str, ExactMean], update: Any, examples: int) -> None:
+        """Add an update's vectors to the round's means, all or none (ReplyError naming the vector that
+        was refused); a float vector no mean takes must still be finite."""
+        added = []
+        try:
+            for key, values in update._asdict().items():
+                if key in means and values is not None:
+                    means[key].add(values, examples)
+                    added.append((key, values))
+                elif isinstance(values, np.ndarray) and values.dtype.kind == "f" and not all_finite(values):
+                    raise ReplyError(f"'{key}' holds NaN or Inf")
+        except RefusedValues as err:
+            for key, values in added:
+                means[key].remove(values, examples)
+            raise ReplyError(f"'{key}': {err}") from None
+        except BaseException:
+            for key, values in added:
+                means[key].remove(values, examples)
+            raise
 
     def read_reply(
         self, server_round: int, partition_id: int, reply: Message, node_id: int

@@ -1,0 +1,408 @@
+"""The server's cost per round at ResNet-18 scale (issue 15): the strategy's time against a floor,
+and its peak memory, with replies aggregated as they arrive.
+
+    .venv/bin/python experiments/benchmarks/server_round.py [--quick] [--part time] [--part memory]
+        [--out experiments/benchmarks/results/server_round.json]   (also writes the .md beside it)
+
+The strategies are the real ones (FedAvg, CMD), driven round by round as `fedcmd.server` drives them:
+`configure_train`, a `ReplyStream` over a stand-in grid, `aggregate_train`. The stand-in grid
+(`BenchGrid`) is a SuperLink elsewhere: pushing records each message's id and drops the message;
+each pull returns one reply, made then: the values the client was sent (read from the strategy,
+which does not change its model before the round's last reply) plus noise, as the float32 .npy
+Array a client's reply carries, with the metrics the strategy checks. Time spent making replies is
+the grid's (`ReplyStream.waiting`), not the strategy's.
+
+Time (ResNet-18's layout, N = 11,173,962 weights and 9,600 float buffer values; 10 clients, all
+sampled): per round, the strategy's seconds (configure_train + aggregate_train, less the time the
+grid spent making replies) and the floor, timed in the same round on the same reply values: one
+pass that adds every reply's float32 values into one float64 accumulator (allocated for the round,
+as the strategy's is). CMD runs cmd-warmup 3 and cmd-every 2, so its rounds are warm-up (FedAvg),
+the fit, rounds with an embedding event and rounds without. Targets: at most 3x the floor on
+rounds without an event, 6x on rounds with one.
+
+Memory (N = 10,000,010: the MLP on 1x1x156,239 inputs; 2 and 20 clients): tracemalloc's peak during
+a round (from configure_train to the new model) less what was allocated before it (the model and
+the strategy's state), against 3 x N x 4 bytes (an accumulator and one reply); FedAvg and CMD, every
+round (warm-up, the fit, rounds with and without an embedding event). What the stand-in client
+allocates while making a reply is left out (the peak is reset once the reply is made); the reply
+it returns counts from then on. Also the strategy's state (every array it holds) in bytes per weight.
+
+--quick: LeNet-5's layout (61,706 weights), 3 rounds each: a smoke run of the script, seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import io
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+from benchtools import command_line, default_out, machine, mb, write_outputs
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedcmd.config import resolve
+from fedcmd.server import ReplyStream, make_strategy
+from strategies.cmd import CMD
+
+CHUNK = 1 << 16
+
+
+def reply_record(n: int, fill) -> ArrayRecord:
+    """A record of one float32 .npy Array of `n` values written in chunks by `fill(lo, hi, out)`: no full-size
+    temporary (a client's own arrays are not the server's memory)."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False, "shape": (n,)}
+    )
+    head = header.getvalue()
+    buffer = bytearray(len(head) + 4 * n)
+    buffer[: len(head)] = head
+    values = np.frombuffer(buffer, dtype=np.float32, offset=len(head))
+    for lo in range(0, n, CHUNK):
+        hi = min(lo + CHUNK, n)
+        fill(lo, hi, values[lo:hi])
+    array = Array(dtype="float32", shape=(n,), stype="numpy.ndarray", data=b"")
+    array.data = buffer  # the bytes as they would come off the wire (Flower's Array keeps them as given)
+    record = ArrayRecord()
+    record["values"] = array
+    return record
+
+
+class BenchGrid:
+    """A grid whose clients answer from the strategy's own model (see the module docstring)."""
+
+    pull_interval = 0.0
+
+    def __init__(self, strategy, server_round: int, drift: float, noise: float) -> None:
+        self.strategy, self.round, self.drift, self.noise = strategy, server_round, drift, noise
+        self.pending: list[tuple[str, Message, int]] = []
+        self.peak = 0  # under tracemalloc: the highest traced memory outside making replies
+        self.values_seen: list[np.ndarray] | None = None  # set to collect reply values for the floor
+
+    def push_messages(self, messages):
+        ids = []
+        for i, msg in enumerate(messages):
+            msg.metadata.__dict__["_message_id"] = f"{self.round}-{i}"
+            stub = Message(RecordDict(), dst_node_id=msg.metadata.dst_node_id, message_type="train", group_id="")
+            stub.metadata.__dict__["_message_id"] = msg.metadata.message_id
+            pid = self.strategy.partition_of[msg.metadata.dst_node_id]
+            self.pending.append((msg.metadata.message_id, stub, pid))
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        if not self.pending:
+            return []
+        _, stub, pid = self.pending.pop(0)
+        if not tracemalloc.is_tracing():
+            return [self.make_reply(stub, pid)]
+        # The server's peak so far, then the reply made with the peak reset after it: what the
+        # client and the transport allocate to make a reply is not the server's (the reply itself,
+        # once made, is: it stays in the current memory the next peak starts from).
+        self.peak = max(self.peak, tracemalloc.get_traced_memory()[1])
+        reply = self.make_reply(stub, pid)
+        tracemalloc.reset_peak()
+        return [reply]
+
+    def make_reply(self, stub: Message, pid: int) -> Message:
+        s = self.strategy
+        rng = np.random.default_rng([self.round, pid])
+        step = np.float32(self.drift)
+
+        def around(source, positions):
+            def fill(lo, hi, out):
+                part = source[lo:hi] if positions is None else source[positions[lo:hi]]
+                np.add(part, step + rng.standard_normal(hi - lo, dtype=np.float32) * self.noise, out=out)
+
+            return fill
+
+        is_cmd = isinstance(s, CMD)
+        positions = s.free_index if is_cmd else None
+        size = s.weights.size if positions is None else positions.size
+        records = {"weights": reply_record(size, around(s.weights, positions))}
+        metrics = {"num-examples": s.examples_of(pid), "train-loss": 0.5}
+        if is_cmd:
+            metrics["store-version"] = s.sent[(self.round, pid)]
+            if s.version:
+                refs = s.reference_index
+                records["references"] = reply_record(refs.size, around(s.weights, refs))
+        if s.buffers.size:
+            records["buffers"] = reply_record(s.buffers.size, around(s.buffers, None))
+        records["metrics"] = MetricRecord(metrics)
+        if self.values_seen is not None:
+            from fedcmd.wire import array_view
+
+            self.values_seen.append(array_view(records["weights"]["values"]))
+        return Message(RecordDict(records), reply_to=stub)
+
+
+def build(config: dict):
+    strategy = make_strategy(config)
+    for pid in range(config["num-clients"]):
+        strategy.register_node(10_000 + pid, pid)
+    return strategy
+
+
+def run_round(strategy, rnd: int, *, drift: float, noise: float, floor: bool) -> dict:
+    grid = BenchGrid(strategy, rnd, drift, noise)
+    events_before = getattr(strategy, "version", 0)
+    fit_before = getattr(getattr(strategy, "online", None), "ready", None)
+    start = time.perf_counter()
+    messages = list(strategy.configure_train(rnd, None, None, grid))
+    configured = time.perf_counter()
+    stream = ReplyStream(grid, messages, 600.0)
+    if floor:
+        grid.values_seen = []
+    strategy.aggregate_train(rnd, stream)
+    end = time.perf_counter()
+    row = {
+        "round": rnd,
+        "strategy_seconds": (end - start) - stream.waiting,
+        "configure_seconds": configured - start,
+        "grid_seconds": stream.waiting,
+        "accepted": len(strategy.rounds[rnd].accepted),
+    }
+    if fit_before is not None:
+        row["phase"] = (
+            "event"
+            if strategy.version > events_before
+            else "fit"
+            if strategy.online.ready and not fit_before
+            else "warm-up"
+            if not strategy.online.ready
+            else "no event"
+        )
+    else:
+        row["phase"] = "fedavg"
+    if floor:
+        values, grid.values_seen = grid.values_seen, None
+        t0 = time.perf_counter()
+        total = np.zeros(values[0].size, dtype=np.float64)
+        for v in values:
+            total += v
+        row["floor_seconds"] = time.perf_counter() - t0
+        row["ratio"] = row["strategy_seconds"] / row["floor_seconds"]
+        del values, total
+    assert row["accepted"] == strategy.config["num-clients"], strategy.rounds[rnd].rejected
+    if tracemalloc.is_tracing():
+        row["traced_peak"] = max(grid.peak, tracemalloc.get_traced_memory()[1])
+    return row
+
+
+def strategy_arrays(strategy) -> dict[str, int]:
+    """Bytes of every numpy array the strategy holds (attributes, recursively through objects,
+    dicts, lists and tuples; each array once)."""
+    seen: set[int] = set()
+    out: dict[str, int] = {}
+
+    def walk(obj, path, depth):
+        if depth > 6 or id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, np.ndarray):
+            if obj.nbytes:
+                base = obj if obj.base is None else obj.base
+                if id(base) not in seen or base is obj:
+                    seen.add(id(base))
+                    out[path] = out.get(path, 0) + obj.nbytes
+            return
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, f"{path}[{k!r}]" if len(str(k)) < 30 else f"{path}[...]", depth + 1)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                walk(v, f"{path}[]", depth + 1)
+        elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+            for k, v in vars(obj).items():
+                walk(v, f"{path}.{k}", depth + 1)
+
+    walk(strategy, "strategy", 0)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def time_part(layout: dict, rounds: dict[str, int]) -> list[dict]:
+    cases = []
+    for name, extra in (("fedavg", {"strategy": "fedavg"}), ("cmd", {"strategy": "cmd"})):
+        config = resolve({**layout, **extra})
+        strategy = build(config)
+        rows = []
+        for rnd in range(1, rounds[name] + 1):
+            rows.append(run_round(strategy, rnd, drift=1e-3, noise=1e-3, floor=True))
+            r = rows[-1]
+            print(
+                f"[time] {name} round {rnd} ({r['phase']}): strategy {r['strategy_seconds']:.3f} s, "
+                f"floor {r['floor_seconds']:.3f} s, ratio {r['ratio']:.2f}",
+                flush=True,
+            )
+            gc.collect()
+        cases.append({"case": name, "num_parameters": int(strategy.weights.size), "rounds": rows})
+        del strategy
+        gc.collect()
+    return cases
+
+
+def memory_part(layout: dict, clients: list[int], cmd_rounds: int) -> list[dict]:
+    """Every round traced: its peak above what was allocated when it started (gc'd first)."""
+    cases = []
+    for strategy_name in ("fedavg", "cmd"):
+        for k in clients:
+            config = resolve({**layout, "strategy": strategy_name, "num-clients": k, "synthetic-train-size": 2 * k})
+            strategy = build(config)
+            tracemalloc.start()
+            for rnd in range(1, (cmd_rounds if strategy_name == "cmd" else 3) + 1):
+                gc.collect()
+                before = tracemalloc.get_traced_memory()[0]
+                tracemalloc.reset_peak()
+                row = run_round(strategy, rnd, drift=1e-3, noise=1e-3, floor=False)
+                peak = row["traced_peak"] - before
+                n = int(strategy.weights.size)
+                state = strategy_arrays(strategy)
+                cases.append(
+                    {
+                        "case": strategy_name,
+                        "clients": k,
+                        "num_parameters": n,
+                        "round": rnd,
+                        "phase": row["phase"],
+                        "peak_above_before_bytes": peak,
+                        "limit_bytes": 3 * n * 4,
+                        "peak_over_n4": peak / (4 * n),
+                        "state_bytes": sum(state.values()),
+                        "state_bytes_per_weight": sum(state.values()) / n,
+                        "state_arrays": state,
+                    }
+                )
+                print(
+                    f"[memory] {strategy_name}, {k} clients, round {rnd} ({row['phase']}): peak above the round's "
+                    f"start {mb(peak)} = {peak / (4 * n):.2f} x N x 4 (limit 3); state "
+                    f"{sum(state.values()) / n:.1f} B/weight",
+                    flush=True,
+                )
+            tracemalloc.stop()
+            del strategy
+            gc.collect()
+    return cases
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        "# Server cost per round (issue 15)",
+        "",
+        f"Machine: {result['machine']['cpus']} cores, load average {result['machine']['load_average']} at start "
+        "(shared: absolute seconds drift; the ratios are measured side by side in each round). "
+        f"Command: `{result['command']}`.",
+        "",
+    ]
+    if result.get("time"):
+        lines += [
+            "## Strategy time against the floor",
+            "",
+            "Floor: one pass adding the round's replies' float32 values into one float64 accumulator, timed in the same "
+            "round on the same values. Strategy: configure_train + aggregate_train, less the stand-in grid's time.",
+            "",
+            "| case | parameters | phase | rounds | strategy s (mean) | floor s (mean) | ratio (mean / max) | target |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for c in result["time"]:
+            phases = sorted(
+                {r["phase"] for r in c["rounds"]}, key=lambda p: min(r["round"] for r in c["rounds"] if r["phase"] == p)
+            )
+            for phase in phases:
+                rows = [r for r in c["rounds"] if r["phase"] == phase]
+                target = 6 if phase == "event" else None if phase == "fit" else 3
+                ratios = [r["ratio"] for r in rows]
+                lines.append(
+                    f"| {c['case']} | {c['num_parameters']:,} | {phase} | {', '.join(str(r['round']) for r in rows)} | "
+                    f"{np.mean([r['strategy_seconds'] for r in rows]):.3f} | {np.mean([r['floor_seconds'] for r in rows]):.3f} | "
+                    f"{np.mean(ratios):.2f} / {max(ratios):.2f} | "
+                    + ("-" if target is None else f"<= {target}: {'met' if max(ratios) <= target else 'missed'}")
+                    + " |"
+                )
+        lines += [
+            "",
+            "Per round:",
+            "",
+            "| case | round | phase | strategy s | of which configure s | floor s | ratio |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for c in result["time"]:
+            for r in c["rounds"]:
+                lines.append(
+                    f"| {c['case']} | {r['round']} | {r['phase']} | {r['strategy_seconds']:.3f} | {r['configure_seconds']:.3f} | "
+                    f"{r['floor_seconds']:.3f} | {r['ratio']:.2f} |"
+                )
+    if result.get("memory"):
+        lines += [
+            "",
+            "## Peak memory during a round",
+            "",
+            "tracemalloc's peak from configure_train to the new model, less what was allocated before the round "
+            "(the model and the strategy's state). Limit: 3 x N x 4 bytes.",
+            "",
+            "| case | parameters | clients | round (phase) | peak above before | / (N x 4) | limit 3 | state B/weight |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for c in result["memory"]:
+            lines.append(
+                f"| {c['case']} | {c['num_parameters']:,} | {c['clients']} | {c['round']} ({c['phase']}) | "
+                f"{mb(c['peak_above_before_bytes'])} | {c['peak_over_n4']:.2f} | "
+                f"{'met' if c['peak_above_before_bytes'] <= c['limit_bytes'] else 'missed'} | {c['state_bytes_per_weight']:.1f} |"
+            )
+        for c in result["memory"]:
+            if c["clients"] == max(x["clients"] for x in result["memory"]) and c["round"] == max(
+                x["round"] for x in result["memory"] if x["case"] == c["case"]
+            ):
+                lines += [
+                    "",
+                    f"Arrays the {c['case']} strategy holds after round {c['round']} ({c['num_parameters']:,} weights):",
+                    "",
+                    "| array | bytes | B/weight |",
+                    "|---|---|---|",
+                ]
+                for path, size in c["state_arrays"].items():
+                    lines.append(f"| `{path}` | {size:,} | {size / c['num_parameters']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--part", action="append", choices=("time", "memory"))
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    args.out = args.out or default_out("server_round", args.quick)
+    parts = args.part or ["time", "memory"]
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    cmd_keys = {"cmd-warmup": 3, "cmd-every": 2, "cmd-fraction": 0.15, "cmd-samples": 1000, "cmd-modes": 10}
+    data = {"dataset": "synthetic", "synthetic-test-size": 10}
+    if args.quick:
+        time_layout = {**data, **cmd_keys, "model": "lenet5", "num-clients": 10, "synthetic-train-size": 20}
+        memory_layout = {**data, **cmd_keys, "model": "lenet5"}
+        rounds, clients = {"fedavg": 3, "cmd": 6}, [2, 4]
+    else:
+        time_layout = {
+            **data,
+            **cmd_keys,
+            "model": "resnet18",
+            "synthetic-shape": "3x32x32",
+            "num-clients": 10,
+            "synthetic-train-size": 20,
+        }
+        memory_layout = {**data, **cmd_keys, "model": "mlp", "synthetic-shape": "1x1x156239"}
+        rounds, clients = {"fedavg": 4, "cmd": 10}, [2, 20]
+    result = {"command": command_line(), "machine": machine()}
+    if "time" in parts:
+        result["time"] = time_part(time_layout, rounds)
+    if "memory" in parts:
+        result["memory"] = memory_part(memory_layout, clients, cmd_rounds=7)
+    text = markdown(result)
+    write_outputs(args.out, result, text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
