@@ -114,8 +114,9 @@ def registration_order(grid: Grid, node_ids: set[int], nodes: list[NodeInfo] | N
     registration order, every 0.1 s, and for each node scans its store of messages from the
     oldest until it finds one for that node (`vce_api.add_messages_to_queue`,
     `InMemoryLinkState.get_message_ins`). Queries pushed in any other order cost it
-    (nodes x queries) scans: round 1 with 10,000 nodes took 390 s on Ray here. In its own sweep
-    order each node's query is near the front of the store.
+    (nodes x queries) scans: discovering 10,000 nodes on Ray took 355 s here, 64 s in its
+    sweep order, where each node's query is near the front of the store
+    (experiments/benchmarks/scale_clients.py).
     """
     if len(node_ids) < 2:
         return sorted(node_ids)
