@@ -371,9 +371,13 @@ class VolumeAccountant:
         return acc
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        """The rows as column arrays, for checkpoints."""
-        columns = list(zip(*(astuple(r) for r in self.rows))) if self.rows else [()] * len(COLUMN_DTYPES)
-        return {name: np.asarray(col, dtype=dtype) for (name, dtype), col in zip(COLUMN_DTYPES.items(), columns)}
+        """The rows as column arrays, for checkpoints (every round: read by attribute, not with
+        `dataclasses.astuple`, which deep-copies each row and made this 0.3 s per round once
+        discovering 10,000 nodes had left 20,000 rows)."""
+        return {
+            name: np.asarray([getattr(r, name) for r in self.rows], dtype=dtype)
+            for name, dtype in COLUMN_DTYPES.items()
+        }
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         """Rows from `state_dict`'s columns, checked: dtypes, one length, known directions and categories."""

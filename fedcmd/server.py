@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=no-name-in-module
 from flwr.serverapp import Grid
 
 from fedcmd import task
@@ -111,8 +112,10 @@ def discover_nodes(
     message) and asked again next round, so a restarted node is accepted once its old id is gone;
     its exchange is not in the volume table (it belongs to no partition); the refusal is in the
     round's log (refusals.csv, `nodes_refused` in the summary). Replies are matched to
-    queries by message id, in time linear in the number of nodes.
+    queries by message id, in time linear in the number of nodes. Queries go out in the order
+    the nodes registered (`registration_order`).
     """
+    nodes = None
     if binding is None:
         present, keys = set(grid.get_node_ids()), {}
     else:
@@ -120,10 +123,10 @@ def discover_nodes(
         present, keys = {n.node_id for n in nodes}, {n.node_id: n.public_key for n in nodes}
     for node in [n for n in strategy.partition_of if n not in present]:
         strategy.forget_node(node)
-    unknown = sorted(present - strategy.partition_of.keys())
+    unknown = present - strategy.partition_of.keys()
     if not unknown:
         return
-    queries = discovery_queries(unknown, server_round)
+    queries = discovery_queries(registration_order(grid, unknown, nodes), server_round)
     first_row = len(strategy.accountant.rows)
     replies = grid.send_and_receive(queries, timeout=timeout)
     asked = {q.metadata.message_id: q for q in queries}  # ids exist once the grid has sent them
@@ -155,6 +158,25 @@ def discover_nodes(
     rows[first_row:] = sorted(rows[first_row:], key=lambda row: row.client)
     if server_round in strategy.rounds:
         strategy.rounds[server_round].refused.sort(key=lambda item: item[0])
+
+
+def registration_order(grid: Grid, node_ids: set[int], nodes: list[NodeInfo] | None = None) -> list[int]:
+    """`node_ids`, the earliest registered first (`NodeInfo.registered_at`; then by id, as for nodes
+    whose grid reports no registration time: fedcmd's in-process grid, Flower's default
+    `Grid.get_nodes`). `nodes` is the grid's `get_nodes()` when the caller has it already.
+
+    Why: Flower 1.41's simulation engine hands messages to its nodes by sweeping them in
+    registration order, every 0.1 s, and for each node scans its store of messages from the
+    oldest until it finds one for that node (`vce_api.add_messages_to_queue`,
+    `InMemoryLinkState.get_message_ins`). Queries pushed in any other order cost it
+    (nodes x queries) scans: discovering 10,000 nodes on Ray took 355 s here, 64 s in its
+    sweep order, where each node's query is near the front of the store
+    (experiments/benchmarks/scale_clients.py).
+    """
+    if len(node_ids) < 2:
+        return sorted(node_ids)
+    registered = {n.node_id: n.registered_at for n in (grid.get_nodes() if nodes is None else nodes)}
+    return sorted(node_ids, key=lambda n: (registered.get(n, ""), n))
 
 
 def discovery_queries(nodes: Iterable[int], server_round: int) -> list[Message]:

@@ -179,16 +179,42 @@ def process_tree(root: int | None = None) -> list[int]:
 
 
 def tree_memory_bytes(root: int | None = None) -> dict[str, int]:
-    """Sum over the process tree of RSS (shared pages counted in every process that maps them) and
-    of PSS (shared pages split between their users: the better total for Ray's shared object store)."""
+    """Sum over the process tree of RSS (shared pages counted in every process that maps them), of
+    PSS (shared pages split between their users: the better total for Ray's shared object store)
+    and of anonymous RSS (RssAnon: heap and stacks, no file-backed pages such as the shared
+    libraries other processes of the same venv map too, so the least noisy of the three here)."""
     pids = process_tree(root)
     rss = sum(_read_kb(f"/proc/{pid}/status", "VmRSS:") for pid in pids)
+    anon = sum(_read_kb(f"/proc/{pid}/status", "RssAnon:") for pid in pids)
     pss = sum(_read_kb(f"/proc/{pid}/smaps_rollup", "Pss:") for pid in pids)
-    return {"rss": rss * 1024, "pss": pss * 1024, "processes": len(pids)}
+    return {"rss": rss * 1024, "pss": pss * 1024, "rss_anon": anon * 1024, "processes": len(pids)}
+
+
+def process_label(pid: int) -> str:
+    """What a process of the tree is: "this process", a Ray worker's name ("ray::ClientAppActor"),
+    the script a Python process runs, or the program's name."""
+    if pid == os.getpid():
+        return "this process"
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            args = [a.decode(errors="replace") for a in fh.read().split(b"\0") if a]
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return "?"
+    if not args:
+        return "?"
+    if args[0].startswith("ray::"):  # "ray::ClientAppActor.run" while it runs a method: one process, one label
+        return args[0].split()[0].split(".")[0]
+    name = os.path.basename(args[0])
+    if name.startswith("python") and len(args) > 1:
+        script = next((a for a in args[1:] if not a.startswith("-")), "")
+        return f"python {os.path.basename(script)}"
+    return name
 
 
 class TreeMemorySampler:
-    """Peak of `tree_memory_bytes` sampled every `interval` seconds in a background thread.
+    """Peak of `tree_memory_bytes` sampled every `interval` seconds in a background thread; also
+    the peak anonymous RSS of each kind of process (`process_label`; same-named ones summed) and
+    the series of (seconds since start, anonymous RSS of the tree, of this process).
 
     Sampling misses peaks shorter than the interval; `rusage_peaks` gives the kernel's exact
     per-process peaks to compare with.
@@ -196,26 +222,50 @@ class TreeMemorySampler:
 
     def __init__(self, interval: float = 0.5) -> None:
         self.interval = interval
-        self.peak = {"rss": 0, "pss": 0, "processes": 0}
+        self.peak = {"rss": 0, "pss": 0, "rss_anon": 0, "processes": 0}
+        self.peak_by_process: dict[str, int] = defaultdict(int)
+        self.series: list[tuple[float, int, int]] = []
         self.samples = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tree-memory-sampler", daemon=True)
 
     def _run(self) -> None:
+        start = self.started
         while not self._stop.is_set():
             now = tree_memory_bytes()
             self.samples += 1
             for key, value in now.items():
                 self.peak[key] = max(self.peak[key], value)
+            by_label: dict[str, int] = defaultdict(int)
+            for pid in process_tree():
+                by_label[process_label(pid)] += _read_kb(f"/proc/{pid}/status", "RssAnon:") * 1024
+            for label, value in by_label.items():
+                self.peak_by_process[label] = max(self.peak_by_process[label], value)
+            self.series.append((round(time.perf_counter() - start, 2), now["rss_anon"], by_label["this process"]))
             self._stop.wait(self.interval)
 
     def __enter__(self) -> "TreeMemorySampler":
+        self.started = time.perf_counter()  # the series' time origin
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+    def steady(self, start: float, end: float) -> dict[str, float]:
+        """Median and maximum anonymous RSS (tree, this process) of the samples taken between two
+        `time.perf_counter()` instants: memory held through a phase, without its short spikes."""
+        window = [s for s in self.series if start - self.started <= s[0] <= end - self.started]
+        if not window:
+            return {}
+        tree, own = np.array([s[1] for s in window]), np.array([s[2] for s in window])
+        return {
+            "samples": len(window),
+            "tree_rss_anon_median": float(np.median(tree)),
+            "tree_rss_anon_max": int(tree.max()),
+            "self_rss_anon_median": float(np.median(own)),
+        }
 
 
 def rusage_peaks() -> dict[str, int]:

@@ -6,9 +6,14 @@ experiments/fmnist_lenet5_cmd.toml (Fashion-MNIST, LeNet-5) with num-clients 100
   metrics.csv, node discovery (round 1 asks all 1,000 nodes), central evaluation and the checkpoint
   write (timers wrapped around fedcmd.server's calls; the server loop runs in this process with
   either engine);
-- peak memory: the process tree's RSS and PSS summed over this process and its descendants, sampled
-  every 0.5 s (Ray's workers and object store included), and the kernel's exact peaks from
-  getrusage (RUSAGE_SELF; RUSAGE_CHILDREN is the largest single waited-for descendant, not a sum);
+- peak memory: the process tree's RSS, PSS and anonymous RSS summed over this process and its
+  descendants, sampled every 0.5 s (Ray's workers and object store included), also per kind of
+  process (driver, Ray's client actors, GCS, ...), and the kernel's exact peaks from getrusage
+  (RUSAGE_SELF; RUSAGE_CHILDREN is the largest single waited-for descendant, not a sum); the
+  tree's memory right before and after round 1's discovery (every node known, none trained yet),
+  the median over rounds 2..R, and the nodes the server knows after each round's discovery;
+- the clients' state at the end: their coefficient stores' bytes, derived from the server's log
+  (either engine) and, in-process, measured in every node's context.state;
 - client-side coefficient storage per embedded parameter (target <= 10 B): with the in-process
   engine, read from every node's context.state after the run, summing
   `CoefficientStore.load(ctx, n).nbytes()` over the clients whose store holds embedded weights,
@@ -17,8 +22,11 @@ experiments/fmnist_lenet5_cmd.toml (Fashion-MNIST, LeNet-5) with num-clients 100
   a store rebuilt from events [0, acked version) of each client; in-process the two must agree.
 
     .venv/bin/python experiments/benchmarks/scale.py [--quick] [--engine inprocess|ray] [--clients 1000]
-        [--fraction 0.01] [--rounds 20] [--warmup 5] [--set key=value ...]
+        [--fraction 0.01] [--rounds 20] [--warmup 5] [--set key=value ...] [--ray-worker-niceness N]
         [--out experiments/benchmarks/results/scale_<engine>.json]   (also writes the .md beside it)
+
+experiments/benchmarks/scale_clients.py runs this for 1,000 and 10,000 clients, 10 and 100 per round,
+both engines (issue 15), and compares them.
 
 --quick: 100 clients, 2 per round, 3 rounds, cmd-warmup 1 (one embedding event reaches the clients
 of round 3), 2,000 generated images of Fashion-MNIST's shape (a smoke run, seconds; written to
@@ -42,8 +50,10 @@ from benchtools import (
     machine,
     mb,
     rusage_peaks,
+    tree_memory_bytes,
     write_outputs,
 )
+from flwr.app import ArrayRecord
 
 import fedcmd.server
 from clients.cmd import STORE_KEY, CoefficientStore
@@ -100,17 +110,43 @@ def derived_stores(strategy) -> list[tuple[int, int, int]]:
     return stores
 
 
-def run(config: dict, engine: str) -> dict:
+def state_bytes(grid: LocalGrid) -> dict:
+    """Bytes of the array data every in-process client keeps in context.state (the clients' memory)."""
+    held = [
+        sum(len(a.data) for record in c.state.values() if isinstance(record, ArrayRecord) for a in record.values())
+        for c in grid.contexts.values()
+    ]
+    return dict(clients=len(held), clients_with_state=sum(1 for b in held if b), bytes=sum(held))
+
+
+def run(config: dict, engine: str, ray_worker_niceness: int | None = None) -> dict:
     timers = PhaseTimers()
-    timers.wrap(
-        fedcmd.server, "discover_nodes", "discover", before=lambda args, kw: setattr(timers, "round", int(args[2]))
-    )
-    timers.wrap(fedcmd.server, "save_checkpoint", "checkpoint")
     server = {}  # the strategy the server loop drives (it runs in this process with either engine)
+    discovery: dict[int, dict] = {}  # round -> nodes known after discovery, tree memory around it
+
+    def before_discovery(args, kw) -> None:
+        timers.round = int(args[2])
+        if timers.round == 1:
+            discovery[1] = {"memory_before": tree_memory_bytes()}
+
+    def after_discovery(result, args, kw, elapsed) -> None:
+        known = len(args[1].partition_of)
+        entry = discovery.setdefault(int(args[2]), {})
+        entry.update(nodes_known=known, seconds=elapsed)
+        if int(args[2]) == 1:
+            entry["memory_after"] = tree_memory_bytes()
+
+    timers.wrap(fedcmd.server, "discover_nodes", "discover", before=before_discovery, after=after_discovery)
+    checkpoints: list[float] = []  # when each round's checkpoint was written: the end of each round
+    timers.wrap(
+        fedcmd.server, "save_checkpoint", "checkpoint", after=lambda *_: checkpoints.append(time.perf_counter())
+    )
     timers.wrap(fedcmd.server, "make_strategy", after=lambda result, *_: server.__setitem__("strategy", result))
     timers.wrap(CentralEvaluator, "__call__", "evaluate")
     if engine == "ray":
         os.environ.setdefault("FLWR_HOME", str(REPO / ".flwr"))
+        if ray_worker_niceness is not None:  # Ray's raylet reads it when it starts (Ray's default: 15)
+            os.environ["RAY_worker_niceness"] = str(ray_worker_niceness)
     grid = None
     try:
         with tempfile.TemporaryDirectory() as out, TreeMemorySampler() as sampler:
@@ -141,6 +177,7 @@ def run(config: dict, engine: str) -> dict:
                 evaluate_seconds=evaluate,
                 clients_and_transport_seconds=others,
                 checkpoint_seconds=timers.inclusive(rnd, "checkpoint"),
+                nodes_known=discovery.get(rnd, {}).get("nodes_known"),
                 accepted=int(m["accepted"]),
                 embedded_fraction=m["embedded_fraction"],
                 store_version=int(m["store_version"]),
@@ -160,13 +197,21 @@ def run(config: dict, engine: str) -> dict:
         strategy_seconds_mean=float(np.mean([r["strategy_seconds"] for r in rounds])),
         memory_peak_tree=sampler.peak,
         memory_samples=sampler.samples,
+        memory_peak_by_process=dict(sampler.peak_by_process),
+        # rounds 2..R: what the run holds once every node is known, without the rounds' spikes
+        memory_later_rounds=sampler.steady(checkpoints[0], checkpoints[-1]) if len(checkpoints) > 1 else {},
+        memory_series=sampler.series,
         rusage_peak=rusage_peaks(),
         store_from_server_log=store_figures(derived_stores(strategy)),
         rounds=rounds,
+        discovery_round_1=discovery.get(1, {}),
+        client_state_from_server_log=sum(s[1] for s in derived_stores(strategy)),
+        ray_worker_niceness=ray_worker_niceness if engine == "ray" else None,
         target_store_bytes=10.0,
     )
     if grid is not None:
         result["store_measured"] = store_figures(measured_stores(grid, n))
+        result["client_state_measured"] = state_bytes(grid)
     store = result.get("store_measured", result["store_from_server_log"])
     print(
         f"[{engine}] {wall:.1f} s; peak tree RSS {mb(sampler.peak['rss'])}, PSS {mb(sampler.peak['pss'])}; "
@@ -200,6 +245,20 @@ def markdown(result: dict) -> str:
         f"{mb(r['rusage_peak']['children_max'])} | - |",
         f"| final accuracy / embedded fraction | {r['final_accuracy']:.4f} / {r['embedded_fraction']:.3f} | - |",
     ]
+    d = r.get("discovery_round_1", {})
+    if "memory_before" in d:
+        lines.append(
+            f"| discovery in round 1: nodes known after it, seconds, tree RSS before / after | {d['nodes_known']}, "
+            f"{d['seconds']:.2f} s, {mb(d['memory_before']['rss'])} / {mb(d['memory_after']['rss'])} | - |"
+        )
+    held = r.get("client_state_measured")
+    lines.append(
+        "| clients' state at the end (CMD stores), from the server's log"
+        + (" / measured in context.state" if held else "")
+        + f" | {mb(r['client_state_from_server_log'])}"
+        + (f" / {mb(held['bytes'])} ({held['clients_with_state']} clients hold state)" if held else "")
+        + " | - |"
+    )
     for key, title in (
         ("store_measured", "client store, measured in context.state"),
         ("store_from_server_log", "client store, derived from the server's log"),
@@ -220,15 +279,15 @@ def markdown(result: dict) -> str:
     lines += [
         "",
         "| round | round s | strategy s | discovery s | evaluation s | clients + transport s | checkpoint s "
-        "| accepted | embedded | store version |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| nodes known | accepted | embedded | store version |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in r["rounds"]:
         lines.append(
             f"| {row['round']} | {row['round_seconds']:.2f} | {row['strategy_seconds']:.3f} | "
             f"{row['discover_seconds']:.2f} | {row['evaluate_seconds']:.2f} | "
             f"{row['clients_and_transport_seconds']:.2f} | {row['checkpoint_seconds']:.3f} | "
-            f"{row['accepted']} | "
+            f"{row['nodes_known']} | {row['accepted']} | "
             f"{row['embedded_fraction']:.3f} | {row['store_version']} |"
         )
     return "\n".join(lines) + "\n"
@@ -243,6 +302,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, help="num-server-rounds (default 20; 3 with --quick)")
     parser.add_argument("--warmup", type=int, help="cmd-warmup (default 5; 1 with --quick)")
     parser.add_argument("--set", action="append", default=[], help="extra config override key=value")
+    parser.add_argument(
+        "--ray-worker-niceness",
+        type=int,
+        help="with --engine ray: the niceness Ray gives its workers, relative to this process (Ray's default 15)",
+    )
     parser.add_argument("--out", type=Path, help="default results/scale_<engine>[_quick].json")
     args = parser.parse_args()
     q = args.quick
@@ -256,7 +320,11 @@ def main() -> None:
     ]
     config = load_config(CONFIG, overrides)
     out = args.out or default_out(f"scale_{args.engine}", args.quick)
-    result = {"command": command_line(), "machine": machine(), "run": run(config, args.engine)}
+    result = {
+        "command": command_line(),
+        "machine": machine(),
+        "run": run(config, args.engine, args.ray_worker_niceness),
+    }
     text = markdown(result)
     write_outputs(out, result, text)
     print(text)
