@@ -250,13 +250,8 @@ class CMD(FedcmdStrategy):
         if self.online.ready:
             self.reference_index = np.asarray(self.online.reference_index, dtype=np.int64)
         load_part(state, "events", self._load_events)
-        schedule_mask = state["schedule"]["embedded_mask"]
-        if (self.online.ready and not np.array_equal(self.online.frozen_mask, self.embedded)) or (
-            schedule_mask.size and not np.array_equal(schedule_mask, self.embedded)
-        ):
-            raise CheckpointError(
-                "the events' weights are not the ones the online statistics and the schedule froze", ("events",)
-            )
+        if self.online.ready and not np.array_equal(self.online.frozen_mask, self.embedded):
+            raise CheckpointError("the events' weights are not the ones the online statistics froze", ("events",))
         self.references_held = entry(state, "references_held", bool)
         self.paper_floats = by_round(state, "paper_floats", float)
 
