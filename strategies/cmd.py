@@ -196,8 +196,9 @@ class CMD(FedcmdStrategy):
     def rebuild_embedded(self, theta: np.ndarray) -> None:
         """theta[i] = a_i * theta[ref(mode_i)] + b_i for every embedded weight i, in place, in float32
         with a_i, b_i as the events carried them (float32 of the frozen coefficients): bit for bit what
-        `fedcmd.protocols.cmd.rebuild_embedded` gives a client. In chunks, over whole chunks (cast,
-        multiply, add, then a masked copy): no per-weight index or coefficient array is built."""
+        `fedcmd.protocols.cmd.rebuild_embedded` gives a client. In chunks: where a chunk is mostly
+        embedded, over the whole chunk (cast, multiply, add, then a masked copy), otherwise over its
+        embedded weights gathered; no index or coefficient array over all embedded weights is built."""
         if not self.version:
             return
         references = theta[self.reference_index]  # references are never embedded: unchanged by the loop
@@ -208,7 +209,15 @@ class CMD(FedcmdStrategy):
         for start in range(0, n, rows):
             stop = min(start + rows, n)
             where = embedded[start:stop]
-            if not where.any():
+            count = int(np.count_nonzero(where))
+            if not count:
+                continue
+            if 3 * count < 2 * (stop - start):  # gathering them is faster below about 2/3 (measured)
+                index = start + np.flatnonzero(where)
+                v = a[index].astype(np.float32)
+                v *= references[modes[index]]
+                v += b[index].astype(np.float32)
+                theta[index] = v
                 continue
             k = stop - start
             v, o, m = value[:k], offset[:k], widened[:k]
