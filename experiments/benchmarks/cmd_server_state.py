@@ -18,16 +18,17 @@ online statistics, the schedule and the accountant; a view counts as the array o
 with its dtype, shape, bytes and bytes per weight, and the total against the target of 32 bytes per
 weight. Also what the strategy holds in the middle of an event round, after configure_train (the
 train messages it keeps until their replies come, and what it derived for the round), and the
-server-side seconds of each round (configure_train + aggregate_train; generating the replies is not
-counted). The script uses only what both the compact state and the state before it have, so the same
-command run against an older checkout (PYTHONPATH) measures that one.
+server-side seconds of each round, wall and CPU (configure_train + aggregate_train; generating the
+replies is not counted). The 15 events reach the 90% cap; the 2 rounds after them (--after) make
+none, as every later round. The script uses only what both the compact state and the state before
+it have, so the same command run against an older checkout (PYTHONPATH) measures that one.
 
     .venv/bin/python experiments/benchmarks/cmd_server_state.py [--quick] [--events 15] [--clients 2]
-        [--warmup 5] [--set key=value ...] [--out experiments/benchmarks/results/cmd_server_state.json]
-        (also writes the .md beside it)
+        [--after 2] [--warmup 5] [--set key=value ...]
+        [--out experiments/benchmarks/results/cmd_server_state.json]   (also writes the .md beside it)
 
---quick: LeNet-5 (61,706 weights) instead of ResNet-18, 2 events (a smoke run, seconds; written to
-cmd_server_state_quick.*).
+--quick: LeNet-5 (61,706 weights) instead of ResNet-18, 2 events, then 2 more event rounds (below the
+cap; a smoke run, seconds; written to cmd_server_state_quick.*).
 """
 
 from __future__ import annotations
@@ -107,17 +108,19 @@ def snapshot(strategy: Any, label: str, server_round: int, seconds: float) -> di
     )
 
 
-def run(config: dict, events: int, progress: bool = True) -> dict[str, Any]:
+def run(config: dict, events: int, after: int = 0, progress: bool = True) -> dict[str, Any]:
     """Build the configured strategy and `drive` it."""
-    return drive(make_strategy({**config, "num-server-rounds": config["cmd-warmup"] + events}), events, progress)
+    strategy = make_strategy({**config, "num-server-rounds": config["cmd-warmup"] + events + after})
+    return drive(strategy, events, after, progress)
 
 
-def drive(strategy: Any, events: int, progress: bool = True) -> dict[str, Any]:
-    """Run `strategy` (a CMD strategy, freshly built) through its warm-up and `events` event rounds
-    with generated replies; the state it holds after the fit and after each event."""
+def drive(strategy: Any, events: int, after: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Run `strategy` (a CMD strategy, freshly built) with generated replies through its warm-up,
+    `events` rounds that (with cmd-every 1, below the cap) each make an embedding event, and `after`
+    more rounds; the state it holds after the fit, after each event and after the last round."""
     config = strategy.config
     warmup = config["cmd-warmup"]
-    n_rounds = warmup + events
+    n_rounds = warmup + events + after
     # Messages are built outside any grid here; Flower takes their source from the task identity.
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
     n = strategy.weights.size
@@ -127,15 +130,15 @@ def drive(strategy: Any, events: int, progress: bool = True) -> dict[str, Any]:
     snapshots, rounds, mid_round = [], [], None
     for rnd in range(1, n_rounds + 1):
         theta = trajectory.theta(rnd)
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         messages = list(strategy.configure_train(rnd, None, None, None))
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         if mid_round is None and strategy.version:  # the first round that carries an event
             mid_round = snapshot(strategy, f"round {rnd}, after configure_train", rnd, float("nan"))
         replies = replies_for(strategy, messages, theta, trajectory.noise)
-        t2 = time.perf_counter()
+        c2, t2 = time.process_time(), time.perf_counter()
         strategy.aggregate_train(rnd, replies)
-        t3 = time.perf_counter()
+        t3, c3 = time.perf_counter(), time.process_time()
         accepted = len(strategy.rounds[rnd].accepted)
         if accepted != len(messages):
             raise RuntimeError(
@@ -146,10 +149,19 @@ def drive(strategy: Any, events: int, progress: bool = True) -> dict[str, Any]:
         event = bool(strategy.event_rounds) and strategy.event_rounds[-1] == rnd
         phase = "fit" if rnd == warmup else "event" if event else "warm-up" if rnd < warmup else "cmd, no event"
         rounds.append(
-            dict(round=rnd, phase=phase, configure_seconds=t1 - t0, aggregate_seconds=t3 - t2, server_seconds=seconds)
+            dict(
+                round=rnd,
+                phase=phase,
+                configure_seconds=t1 - t0,
+                aggregate_seconds=t3 - t2,
+                server_seconds=seconds,
+                server_cpu_seconds=(c1 - c0) + (c3 - c2),
+            )
         )
-        if phase in ("fit", "event"):
-            label = "after the fit" if phase == "fit" else f"after event {strategy.version}"
+        if phase in ("fit", "event") or rnd == n_rounds:
+            label = {"fit": "after the fit", "event": f"after event {strategy.version}"}.get(
+                phase, "after a round without an event"
+            )
             snapshots.append(snapshot(strategy, label, rnd, seconds))
             if progress:
                 print(report_snapshot(snapshots[-1], n), flush=True)
@@ -162,6 +174,7 @@ def drive(strategy: Any, events: int, progress: bool = True) -> dict[str, Any]:
         clients=config["num-clients"],
         warmup=warmup,
         events=strategy.version,
+        rounds_after=after,
         config=config,
         snapshots=snapshots,
         mid_round=mid_round,
@@ -210,11 +223,12 @@ def markdown(result: dict[str, Any]) -> str:
         "# CMD server state",
         "",
         f"Machine: {result['machine']['cpus']} cores, load average {result['machine']['load_average']} at start "
-        f"(shared: seconds are indicative). Command: `{result['command']}`.",
+        f"(shared: seconds are indicative). Command: `{result['command']}`."
+        + (f" Code measured: {result['code']}." if "code" in result else ""),
         "",
         f"CMD strategy over {r['n_params']:,} weights ({r['n_buffer_values']:,} buffer values), "
         f"{r['n_modes']} modes, {r['clients']} clients per round, warm-up {r['warmup']} rounds, then "
-        f"{r['events']} embedding events, driven with generated replies (no training). Bytes per weight = "
+        f"{r['events']} embedding events, {r['warmup'] + r['events'] + r['rounds_after']} rounds in all, driven with generated replies (no training). Bytes per weight = "
         "every array reachable from the strategy (online statistics, schedule, accountant included; "
         f"views counted once) / N. Target: <= {TARGET:g}.",
         "",
@@ -245,12 +259,27 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "## Server seconds per round",
         "",
-        "| round | phase | configure_train s | aggregate_train s |",
+        "Wall seconds drift with the machine's load; CPU seconds (this process) much less.",
+        "",
+        "| phase | rounds | mean wall s | mean CPU s |",
         "|---|---|---|---|",
+    ]
+    for phase in ("warm-up", "fit", "event", "cmd, no event"):
+        rows = [row for row in r["rounds"] if row["phase"] == phase]
+        if rows:
+            lines.append(
+                f"| {phase} | {len(rows)} | {np.mean([x['server_seconds'] for x in rows]):.3f} | "
+                f"{np.mean([x['server_cpu_seconds'] for x in rows]):.3f} |"
+            )
+    lines += [
+        "",
+        "| round | phase | configure_train s | aggregate_train s | CPU s (both) |",
+        "|---|---|---|---|---|",
     ]
     for row in r["rounds"]:
         lines.append(
-            f"| {row['round']} | {row['phase']} | {row['configure_seconds']:.3f} | {row['aggregate_seconds']:.3f} |"
+            f"| {row['round']} | {row['phase']} | {row['configure_seconds']:.3f} | {row['aggregate_seconds']:.3f} | "
+            f"{row['server_cpu_seconds']:.3f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -259,6 +288,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="LeNet-5, 2 events (a smoke run)")
     parser.add_argument("--events", type=int, help="embedding events after the fit (default 15: up to the 90%% cap)")
+    parser.add_argument(
+        "--after", type=int, default=2, help="rounds after the events (default 2: no event once at the cap)"
+    )
     parser.add_argument("--clients", type=int, default=2, help="num-clients, all sampled (default 2)")
     parser.add_argument("--warmup", type=int, default=5, help="cmd-warmup (default 5)")
     parser.add_argument("--set", action="append", default=[], help="extra config override key=value")
@@ -272,7 +304,7 @@ def main() -> None:
         [*overrides, f"num-clients={args.clients}", "fraction-train=1.0", f"cmd-warmup={args.warmup}", *args.set],
     )
     events = args.events if args.events is not None else (2 if args.quick else 15)
-    result = {"command": command_line(), "machine": machine(), "run": run(config, events)}
+    result = {"command": command_line(), "machine": machine(), "run": run(config, events, args.after)}
     text = markdown(result)
     write_outputs(args.out, result, text)
     print(text)
