@@ -22,8 +22,9 @@ clusters, is `clustering="hierarchical"` (its defaults `linkage="complete"`, `fe
 there such noise weights form clusters of their own and real modes get merged (see
 experiments/benchmarks/cmd_core.py for the measured difference).
 
-Pure numpy/scipy. Indices are int64 everywhere; correlations are centred and computed in float64;
-passes over all N weights go in chunks, so no N x T float64 array is ever held.
+Pure numpy/scipy. Weight indices are int64 everywhere (the online state stores no index per weight,
+only each weight's mode, in the smallest unsigned type that holds it); correlations are centred and
+computed in float64; passes over all N weights go in chunks, so no N x T float64 array is ever held.
 """
 
 from __future__ import annotations
@@ -281,6 +282,14 @@ def _cluster_samples(samples: np.ndarray, options: ClusteringOptions) -> np.ndar
 # ---------------------------------------------------------------------------- assignment and fit
 
 
+def _uint_for(count: int) -> np.dtype:
+    """The smallest unsigned integer type holding 0 .. count - 1 (uint8 up to 256 values)."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if count <= np.iinfo(dtype).max + 1:
+            return np.dtype(dtype)
+    return np.dtype(np.uint64)
+
+
 def _chunk_rows(bytes_per_row: int, chunk_size: int | None) -> int:
     if chunk_size is not None:
         return _positive_int(chunk_size, "chunk_size")
@@ -438,8 +447,8 @@ class OnlineCMD:
     matrix G = [[Srr, Sr], [Sr, n]] they are equivalent to the sums (Swr, Sw) = (a, b) G, and each
     snapshot updates them to the least-squares fit on all snapshots 0..t (recursive least squares,
     Eq. 9). Storing (a, b) rather than the sums lets a frozen (embedded) weight simply keep its
-    coefficients: its sums are not needed any more. State after warm-up: 25 bytes per weight
-    (a, b float64, mode int64, frozen flag).
+    coefficients: its sums are not needed any more. State after warm-up: 18 bytes per weight
+    (a, b float64, the mode as uint8 (uint16 beyond 256 modes), the frozen flag).
     """
 
     def __init__(
@@ -568,7 +577,8 @@ class OnlineCMD:
         )
         ref_centred, self._ref_mean = _centre(self._buffer[:, model.reference_index].T)
         self._ref_m2 = np.einsum("ij,ij->i", ref_centred, ref_centred)
-        self._modes, self._reference_index, self._a, self._b = model.modes, model.reference_index, model.a, model.b
+        self._modes = model.modes.astype(_uint_for(model.n_modes))
+        self._reference_index, self._a, self._b = model.reference_index, model.a, model.b
         self._frozen = np.zeros(self.n_params, dtype=bool)
         self._buffer = None
 
@@ -585,11 +595,14 @@ class OnlineCMD:
         gain = np.divide(r - mean_new, m2_new, out=np.zeros_like(m2_new), where=moving)
         chunk = _chunk_rows(128, self._chunk_size)
         centre, residual, new_a, scratch = np.empty((4, min(chunk, self.n_params)))
+        widened = np.empty(min(chunk, self.n_params), dtype=np.intp)
         for start in range(0, self.n_params, chunk):
             stop = min(start + chunk, self.n_params)
             n = stop - start
-            # Four 1-D gathers: numpy's fast path (a 2-D table[:, modes] is ~8x slower).
-            modes = self._modes[start:stop]
+            # Four 1-D gathers: numpy's fast path (a 2-D table[:, modes] is ~8x slower); the compact
+            # modes are widened once per chunk (a uint8 index costs each gather a conversion).
+            modes = widened[:n]
+            np.copyto(modes, self._modes[start:stop])
             old_mean, keep_w, gain_w, new_mean = self._ref_mean[modes], keep[modes], gain[modes], mean_new[modes]
             a, b, c, e, t = self._a[start:stop], self._b[start:stop], centre[:n], residual[:n], scratch[:n]
             np.multiply(a, old_mean, out=c)
@@ -638,18 +651,21 @@ class OnlineCMD:
         r = theta[self._reference_index].astype(np.float64)
         if index is not None:
             index = _check_index(index, self.n_params, "index")
-            return (self._a[index] * r[self._modes[index]] + self._b[index]).astype(dtype)
+            return (self._a[index] * r[self._modes[index].astype(np.intp)] + self._b[index]).astype(dtype)
         out = np.empty(self.n_params, dtype=dtype)
         chunk = _chunk_rows(32, self._chunk_size)
+        widened = np.empty(min(chunk, self.n_params), dtype=np.intp)
         for start in range(0, self.n_params, chunk):
             stop = min(start + chunk, self.n_params)
-            out[start:stop] = self._a[start:stop] * r[self._modes[start:stop]] + self._b[start:stop]
+            modes = widened[: stop - start]
+            np.copyto(modes, self._modes[start:stop])
+            out[start:stop] = self._a[start:stop] * r[modes] + self._b[start:stop]
         return out
 
     # ----- checkpointing -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Plain numpy arrays and ints (copies). Before the fit, the snapshots kept so far."""
-        empty_f, empty_i = np.zeros(0, dtype=np.float64), np.zeros(0, dtype=np.int64)
+        empty_f, empty_i, empty_m = np.zeros(0, np.float64), np.zeros(0, np.int64), np.zeros(0, np.uint8)
         state = {"n_params": self.n_params, "n_observed": self.n_observed}
         if self.ready:
             state.update(
@@ -670,7 +686,7 @@ class OnlineCMD:
             )
             state.update(
                 buffer=buffer,
-                modes=empty_i,
+                modes=empty_m,
                 reference_index=empty_i,
                 a=empty_f,
                 b=empty_f,
@@ -718,14 +734,20 @@ class OnlineCMD:
         self._ref_mean = self._ref_m2 = None
         self._buffer = None
         if fitted:
-            modes = np.asarray(state["modes"], dtype=np.int64)
+            modes = np.asarray(state["modes"])
+            if modes.dtype.kind not in "iu":
+                raise ValueError(f"state['modes'] must hold integers, got {modes.dtype}")
             if modes.size and (modes.min() < 0 or modes.max() >= m):
                 raise ValueError(f"state['modes'] must lie in [0, {m})")
-            self._modes = modes.copy()
-            self._reference_index = _check_index(state["reference_index"], n, "state['reference_index']").copy()
+            reference_index = _check_index(state["reference_index"], n, "state['reference_index']").copy()
+            frozen = np.array(state["frozen_mask"], dtype=bool)
+            if frozen[reference_index].any():
+                raise ValueError("state['frozen_mask'] freezes a reference weight; references are never embedded")
+            self._modes = modes.astype(_uint_for(m))
+            self._reference_index = reference_index
             self._a = np.array(state["a"], dtype=np.float64)
             self._b = np.array(state["b"], dtype=np.float64)
-            self._frozen = np.array(state["frozen_mask"], dtype=bool)
+            self._frozen = frozen
             self._ref_mean = np.array(state["ref_mean"], dtype=np.float64)
             self._ref_m2 = np.array(state["ref_m2"], dtype=np.float64)
         elif n_observed:
@@ -755,6 +777,13 @@ class EmbeddingSchedule:
     event, embeds the `fraction` (P) with the smallest c_i (P of all N weights, or of the remaining
     candidates with of_remaining=True; at least one while any remain), freezes their coefficients
     in `online`, and returns their indices (int64, ascending). Otherwise it returns an empty array.
+
+    State: the baseline (a_old, b_old) in float32, 8 bytes per weight. It only ranks the
+    candidates: c_i is computed in float64 against the float32-rounded baseline, which is off by at
+    most 2^-24 of |a_old| and |b_old|, so only weights whose coefficients moved less than that rank
+    on rounding (they are among the most stable either way). The embedded weights are `online`'s
+    frozen weights: the schedule keeps no mask of its own, and `embedded_mask` is the
+    `frozen_mask` of the OnlineCMD it last stepped.
     """
 
     def __init__(self, fraction: float, every: int, of_remaining: bool = False) -> None:
@@ -763,78 +792,107 @@ class EmbeddingSchedule:
         self.fraction = float(fraction)
         self.every = _positive_int(every, "every")
         self.of_remaining = bool(of_remaining)
-        self._mask: np.ndarray | None = None
-        self._a_old: np.ndarray | None = None
-        self._b_old: np.ndarray | None = None
+        self._online: OnlineCMD | None = None  # the OnlineCMD last stepped (its frozen mask is the embedded one)
+        self._a_old: np.ndarray | None = None  # float32 (N,)
+        self._b_old: np.ndarray | None = None  # float32 (N,)
         self._last_event = -1  # snapshot index of the baseline or of the latest event
 
     @property
     def embedded_mask(self) -> np.ndarray:
-        if self._mask is None:
+        """bool (N,), read-only: the weights embedded so far (`frozen_mask` of the OnlineCMD last stepped)."""
+        if self._online is None:
             raise RuntimeError("EmbeddingSchedule.embedded_mask exists once step(online) has been called")
-        return _read_only(self._mask)
+        if not self._online.ready:
+            return _read_only(np.zeros(self._online.n_params, dtype=bool))
+        return self._online.frozen_mask
 
     def step(self, online: OnlineCMD) -> np.ndarray:
         nothing = np.zeros(0, dtype=np.int64)
-        if self._mask is None:
-            self._mask = np.zeros(online.n_params, dtype=bool)
-        elif self._mask.size != online.n_params:
-            raise ValueError(f"online has {online.n_params} weights, this schedule tracks {self._mask.size}")
+        if self._a_old is not None and self._a_old.size != online.n_params:
+            raise ValueError(f"online has {online.n_params} weights, this schedule tracks {self._a_old.size}")
+        self._online = online
         if not online.ready:
             return nothing
         latest = online.n_observed - 1
         if self._a_old is None:
-            self._a_old, self._b_old, self._last_event = online.a.copy(), online.b.copy(), latest
+            self._a_old, self._b_old = online.a.astype(np.float32), online.b.astype(np.float32)
+            self._last_event = latest
             return nothing
         if latest - self._last_event < self.every:
             return nothing
-        candidates = ~self._mask
+        candidates = ~online.frozen_mask
         candidates[online.reference_index] = False
         n_candidates = int(np.count_nonzero(candidates))
         base = n_candidates if self.of_remaining else online.n_params
         count = min(n_candidates, max(1, round(self.fraction * base)))
-        a, b = online.a, online.b
         if 0 < count < n_candidates:
-            # Whole-vector arithmetic beats gathering the candidates; the others rank last.
-            change = np.hypot(a - self._a_old, b - self._b_old)
-            change[~candidates] = np.inf
+            change = self._change(online.a, online.b)
+            change[~candidates] = np.inf  # the others rank last
             chosen = np.sort(np.argpartition(change, count - 1)[:count])
         else:
             chosen = np.flatnonzero(candidates)
-        self._mask[chosen] = True
         online.freeze(chosen)
-        np.copyto(self._a_old, a)
-        np.copyto(self._b_old, b)
+        np.copyto(self._a_old, online.a, casting="same_kind")
+        np.copyto(self._b_old, online.b, casting="same_kind")
         self._last_event = latest
         return chosen.astype(np.int64, copy=False)
 
+    def _change(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """c_i of every weight in float64, in chunks: whole-vector arithmetic beats gathering the
+        candidates, and widening the float32 baseline by copy keeps every ufunc single-dtype."""
+        n = a.size
+        change = np.empty(n)
+        chunk = _chunk_rows(16, None)
+        da, db = np.empty((2, min(chunk, n)))
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            x, y = da[: stop - start], db[: stop - start]
+            np.copyto(x, self._a_old[start:stop])
+            np.subtract(a[start:stop], x, out=x)
+            np.copyto(y, self._b_old[start:stop])
+            np.subtract(b[start:stop], y, out=y)
+            np.hypot(x, y, out=change[start:stop])
+        return change
+
     def state_dict(self) -> dict[str, Any]:
-        empty = np.zeros(0, dtype=np.float64)
+        empty = np.zeros(0, dtype=np.float32)
         return {
             "fraction": self.fraction,
             "every": self.every,
             "of_remaining": self.of_remaining,
             "last_event": self._last_event,
-            "embedded_mask": np.zeros(0, dtype=bool) if self._mask is None else self._mask.copy(),
             "a_old": empty if self._a_old is None else self._a_old.copy(),
             "b_old": empty if self._b_old is None else self._b_old.copy(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a `state_dict` taken from a schedule with the same fraction, every, of_remaining."""
-        missing = {"fraction", "every", "of_remaining", "last_event", "embedded_mask", "a_old", "b_old"} - set(state)
+    def load_state_dict(self, state: dict[str, Any], n_params: int | None = None) -> None:
+        """Restore a `state_dict` taken from a schedule with the same fraction, every, of_remaining
+        (and, when n_params is given, over that many weights)."""
+        missing = {"fraction", "every", "of_remaining", "last_event", "a_old", "b_old"} - set(state)
         if missing:
             raise ValueError(f"state is missing {sorted(missing)}")
         for key in ("fraction", "every", "of_remaining"):
             if state[key] != getattr(self, key):
                 raise ValueError(f"state[{key!r}] is {state[key]!r}, this schedule has {getattr(self, key)!r}")
-        mask = np.asarray(state["embedded_mask"], dtype=bool)
-        a_old, b_old = np.asarray(state["a_old"], dtype=np.float64), np.asarray(state["b_old"], dtype=np.float64)
-        if a_old.shape != b_old.shape or (a_old.size and a_old.shape != mask.shape):
+        last_event = state["last_event"]
+        if isinstance(last_event, bool) or not isinstance(last_event, (int, np.integer)) or last_event < -1:
+            raise ValueError(f"state['last_event'] must be an integer >= -1, got {last_event!r}")
+        baseline = {}
+        for key in ("a_old", "b_old"):
+            value = np.asarray(state[key])
+            if value.dtype != np.float32 or value.ndim != 1:
+                raise ValueError(
+                    f"state[{key!r}] must be a 1-D float32 array, got {value.dtype} of shape {value.shape}"
+                )
+            baseline[key] = value
+        a_old, b_old = baseline["a_old"], baseline["b_old"]
+        sizes = {0, n_params} if n_params is not None else {a_old.size}
+        if a_old.shape != b_old.shape or a_old.size not in sizes or bool(a_old.size) != (last_event >= 0):
             raise ValueError(
-                f"state a_old {a_old.shape}, b_old {b_old.shape} and embedded_mask {mask.shape} do not match"
+                f"state a_old {a_old.shape} and b_old {b_old.shape} do not fit last_event {last_event}"
+                + (f" and {n_params} weights" if n_params is not None else "")
             )
-        self._mask = mask.copy() if mask.size else None
+        self._online = None
         self._a_old = a_old.copy() if a_old.size else None
         self._b_old = b_old.copy() if b_old.size else None
-        self._last_event = int(state["last_event"])
+        self._last_event = int(last_event)

@@ -7,7 +7,10 @@ Protocol (decisions the paper leaves open are marked *):
   `EmbeddingSchedule` embeds P% of the weights. An embedding event freezes (a_i, b_i) of its
   weights; the server sets those weights to a_i * r_m(t) + b_i from then on.
 - The server keeps an append-only log of embedding events; the coefficient-store *version* of a
-  party is the number of events it holds. *Each client's acknowledged version is kept per client;
+  party is the number of events it holds. *The log is kept compactly: one event number per weight
+  (`event_of`, uint8 until 255 events), and an event's coefficients are the embedded weights' frozen
+  (a_i, b_i) in the online statistics, as float32; events are rebuilt from these when a message
+  needs them. *Each client's acknowledged version is kept per client;
   every train message carries the events [acked, current) of that client, so a client that was not
   sampled, failed or timed out gets what it lacks the next time it is contacted.
 - *Which weights an event embeds travels as a bit mask over the N weights (N/8 bytes) or as
@@ -35,21 +38,27 @@ Protocol (decisions the paper leaves open are marked *):
   still sent densely; the online CMD statistics see the aggregate before that encoding.
 - Volume: the accountant measures real bytes; `paper_floats` per round is Eq. 16's count,
   2|C|(N - embedded) + 2|C|(newly embedded), which ignores masks, modes and metadata.
+- Server state after warm-up (experiments/benchmarks/cmd_server_state.py): about 31 bytes per
+  weight: the global model (float32, 4), the online statistics (a, b float64, mode uint8, frozen
+  flag: 18; the frozen flags are the one embedded mask), the schedule's float32 baseline (8) and
+  the event numbers (1). What a round derives from them (the free weights' indices, the events a
+  message carries) is kept for the round only and dropped when its aggregation ends.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 import numpy as np
-from flwr.app import RecordDict
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from fedcmd import task
 from fedcmd.accountant import fedavg_floats
 from fedcmd.aggregation import ExactMean
 from fedcmd.checkpoint import CheckpointError, array_entry, by_round, entry, load_part
 from fedcmd.cmd import EmbeddingSchedule, OnlineCMD  # noqa: F401
-from fedcmd.protocols.cmd import REPLY_METRICS, EmbeddingEvent, encode_events, mode_dtype, rebuild_embedded
+from fedcmd.protocols.cmd import REPLY_METRICS, EmbeddingEvent, encode_events, mode_dtype
 from fedcmd.wire import ReplyError, read_vector, vector_record
 from strategies.base import FedcmdStrategy, read_int, shown
 
@@ -63,6 +72,19 @@ class CMDUpdate(NamedTuple):
     references: np.ndarray | None
     buffers: np.ndarray
     store_version: int
+
+
+def event_dtype(n_events: int) -> np.dtype:
+    """The type of the per-weight event numbers 0 .. n_events: uint8 up to 255 events, then wider."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if n_events <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    return np.dtype(np.uint64)
+
+
+# Rows per chunk of the server's rebuild of embedded weights: a few float32 and index arrays of this
+# length stay in cache.
+_REBUILD_ROWS = 1 << 15
 
 
 class CMD(FedcmdStrategy):
@@ -89,32 +111,124 @@ class CMD(FedcmdStrategy):
             config["cmd-fraction"], config["cmd-every"], of_remaining=config["cmd-of-remaining"]
         )
         self.online.observe(self.weights)
-        self.events: list[EmbeddingEvent] = []
-        self.embedded = np.zeros(n, dtype=bool)
+        # The event log: weight i was embedded by event event_of[i] (1-based; 0: not embedded), after
+        # round event_rounds[k - 1]; event_sizes[k - 1] weights each. Coefficients: the online statistics'.
+        self.event_of = np.zeros(n, dtype=event_dtype(0))
+        self.event_rounds: list[int] = []  # round after which each event happened
+        self.event_sizes: list[int] = []
         self.reference_index = np.zeros(0, dtype=np.int64)
         self.acked: dict[int, int] = {}  # partition id -> acknowledged store version
         self.sent: dict[tuple[int, int], int] = {}  # (round, partition) -> version sent
-        self.event_rounds: list[int] = []  # round after which each event happened
         self.references_held = False  # set once embedding has stopped at the cap
         self.paper_floats: dict[int, float] = {}
-        self._refresh_layout()
+        # What a round derives from the log (free_index, embedded_index, the events from a version):
+        # built when first needed, dropped when the round's aggregation ends or the log changes.
+        self._derived: dict[Any, Any] = {}
 
     # ----- layout derived from the store -------------------------------------------------------
     @property
     def version(self) -> int:
-        return len(self.events)
+        return len(self.event_rounds)
+
+    @property
+    def n_embedded(self) -> int:
+        return sum(self.event_sizes)
+
+    @property
+    def embedded(self) -> np.ndarray:
+        """bool (N,), read-only: the embedded weights (the online statistics' frozen mask)."""
+        if self.online.ready:
+            return self.online.frozen_mask
+        mask = np.zeros(self.weights.size, dtype=bool)
+        mask.flags.writeable = False
+        return mask
 
     def _refresh_layout(self) -> None:
-        self.embedded_index = np.flatnonzero(self.embedded)
-        free = ~self.embedded
-        if self.version:
+        """Forget what was derived from the log; it is derived again when next needed."""
+        self._derived.clear()
+
+    def _derive(self, key: Any, build) -> Any:
+        if key not in self._derived:
+            self._derived[key] = build()
+        return self._derived[key]
+
+    @property
+    def free_index(self) -> np.ndarray:
+        """int64, ascending: the weights sent densely (all of them before the first event; then the
+        non-embedded, non-reference ones). Derived, kept until the round's aggregation ends."""
+
+        def build() -> np.ndarray:
+            if not self.version:
+                return np.arange(self.weights.size, dtype=np.int64)
+            free = self.event_of == 0
             free[self.reference_index] = False
-        self.free_index = np.flatnonzero(free)
-        if self.version:
-            order = np.argsort(np.concatenate([e.index for e in self.events]), kind="stable")
-            self.emb_a = np.concatenate([e.a for e in self.events])[order]
-            self.emb_b = np.concatenate([e.b for e in self.events])[order]
-            self.emb_mode = np.concatenate([e.mode for e in self.events])[order]
+            return np.flatnonzero(free)
+
+        return self._derive("free_index", build)
+
+    @property
+    def embedded_index(self) -> np.ndarray:
+        """int64, ascending: the embedded weights. Derived, kept until the round's aggregation ends."""
+        return self._derive("embedded_index", lambda: np.flatnonzero(self.event_of))
+
+    def events_since(self, version: int) -> list[EmbeddingEvent]:
+        """The log's events [version, self.version) as they travel: each event's weights (int64,
+        ascending) with their frozen coefficients as float32 and their modes. Derived, kept until
+        the round's aggregation ends."""
+
+        def build() -> list[EmbeddingEvent]:
+            index = np.flatnonzero(self.event_of > version)
+            number = self.event_of[index]
+            events = []
+            for k in range(version + 1, self.version + 1):
+                weights = index if k == self.version == version + 1 else index[number == k]
+                events.append(
+                    EmbeddingEvent(
+                        weights,
+                        self.online.a[weights].astype(np.float32),
+                        self.online.b[weights].astype(np.float32),
+                        self.online.modes[weights].astype(mode_dtype(self.n_modes)),
+                    )
+                )
+            return events
+
+        return self._derive(("events", version), build) if version < self.version else []
+
+    def rebuild_embedded(self, theta: np.ndarray) -> None:
+        """theta[i] = a_i * theta[ref(mode_i)] + b_i for every embedded weight i, in place, in float32
+        with a_i, b_i as the events carried them (float32 of the frozen coefficients): bit for bit what
+        `fedcmd.protocols.cmd.rebuild_embedded` gives a client. In chunks: where a chunk is mostly
+        embedded, over the whole chunk (cast, multiply, add, then a masked copy), otherwise over its
+        embedded weights gathered; no index or coefficient array over all embedded weights is built."""
+        if not self.version:
+            return
+        references = theta[self.reference_index]  # references are never embedded: unchanged by the loop
+        a, b, modes, embedded = self.online.a, self.online.b, self.online.modes, self.online.frozen_mask
+        n = theta.size
+        rows = min(_REBUILD_ROWS, n)
+        value, offset, widened = np.empty(rows, np.float32), np.empty(rows, np.float32), np.empty(rows, np.intp)
+        for start in range(0, n, rows):
+            stop = min(start + rows, n)
+            where = embedded[start:stop]
+            count = int(np.count_nonzero(where))
+            if not count:
+                continue
+            if 3 * count < 2 * (stop - start):  # gathering them is faster below about 2/3 (measured)
+                index = start + np.flatnonzero(where)
+                v = a[index].astype(np.float32)
+                v *= references[modes[index]]
+                v += b[index].astype(np.float32)
+                theta[index] = v
+                continue
+            k = stop - start
+            v, o, m = value[:k], offset[:k], widened[:k]
+            with np.errstate(over="ignore", invalid="ignore"):  # free weights' values are computed, then dropped
+                np.copyto(v, a[start:stop], casting="same_kind")
+                np.copyto(o, b[start:stop], casting="same_kind")
+                np.copyto(m, modes[start:stop])
+                v *= references[m]
+                v += o
+            np.copyto(theta[start:stop], v, where=where)
 
     # ----- messages ----------------------------------------------------------------------------
     def train_content(self, server_round: int, partition_id: int) -> RecordDict:
@@ -140,7 +254,7 @@ class CMD(FedcmdStrategy):
         """The records that bring a store from `from_version` to the current one (the same for every
         client that holds that version this round)."""
         content = encode_events(
-            self.events[from_version:],
+            self.events_since(from_version),
             self.weights.size,
             from_version,
             self.version,
@@ -180,6 +294,14 @@ class CMD(FedcmdStrategy):
         # Clients skip events they already hold, so this costs bytes, never correctness.
         self.acked.pop(partition_id, None)
 
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        try:
+            return super().aggregate_train(server_round, replies)
+        finally:
+            self._refresh_layout()  # what this round derived is not held between rounds
+
     def accumulators(self, server_round: int, max_examples: int) -> dict[str, ExactMean]:
         means = {"weights": self.mean_over(self.free_index, max_examples)}
         if self.version and not self.references_held:
@@ -191,9 +313,7 @@ class CMD(FedcmdStrategy):
         means.pop("weights").mean_into(self.weights, self.free_index)
         if "references" in means:
             means.pop("references").mean_into(self.weights, self.reference_index)
-            rebuild_embedded(
-                self.weights, self.embedded_index, self.emb_a, self.emb_b, self.emb_mode, self.reference_index
-            )
+            self.rebuild_embedded(self.weights)
         if "buffers" in means:
             means.pop("buffers").mean_into(self.buffers)
         self._advance_cmd(server_round)
@@ -206,7 +326,7 @@ class CMD(FedcmdStrategy):
             return
         if not self.reference_index.size:
             self.reference_index = np.asarray(self.online.reference_index, dtype=np.int64)
-        if self.embedded_index.size >= self.config["cmd-max-embedded"] * self.weights.size:
+        if self.n_embedded >= self.config["cmd-max-embedded"] * self.weights.size:
             # Embedding stops at the cap. With "frozen" training the references are held from then on
             # too: a reference's own gradient says nothing of the weights tied to it, and its drift,
             # amplified by |a_i| (up to ~30 here), destabilised training late in runs.
@@ -215,46 +335,29 @@ class CMD(FedcmdStrategy):
         new = np.asarray(self.schedule.step(self.online), dtype=np.int64)
         if not new.size:
             return
-        new = np.sort(new)
-        event = EmbeddingEvent(
-            new,
-            np.asarray(self.online.a[new], dtype=np.float32),
-            np.asarray(self.online.b[new], dtype=np.float32),
-            np.asarray(self.online.modes[new]).astype(mode_dtype(self.n_modes)),
-        )
-        self.events.append(event)
         self.event_rounds.append(server_round)
-        self.embedded[new] = True
+        self.event_sizes.append(int(new.size))
+        if self.version > np.iinfo(self.event_of.dtype).max:
+            self.event_of = self.event_of.astype(event_dtype(self.version))
+        self.event_of[new] = self.version
         self._refresh_layout()
-        rebuild_embedded(self.weights, self.embedded_index, self.emb_a, self.emb_b, self.emb_mode, self.reference_index)
+        self.rebuild_embedded(self.weights)
 
     def _count_paper_floats(self, server_round: int) -> None:
         cohort = len(self.cohort(server_round))
-        newly = sum(e.index.size for e, r in zip(self.events, self.event_rounds) if r == server_round - 1)
-        self.paper_floats[server_round] = 2.0 * cohort * (self.weights.size - self.embedded_index.size + newly)
+        newly = sum(size for size, r in zip(self.event_sizes, self.event_rounds) if r == server_round - 1)
+        self.paper_floats[server_round] = 2.0 * cohort * (self.weights.size - self.n_embedded + newly)
 
     # ----- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The base's state, the online statistics and schedule, and the coefficient event log (each
-        event's weights, coefficients and modes, concatenated, and the round after which it
-        happened); the embedded mask, the reference indices and the layout are rebuilt from them."""
-
-        def parts(name: str, dtype: type) -> np.ndarray:
-            return np.concatenate([np.zeros(0, dtype), *(getattr(e, name) for e in self.events)])
-
-        events = {
-            "sizes": np.array([e.index.size for e in self.events], dtype=np.int64),
-            "index": parts("index", np.int64),
-            "a": parts("a", np.float32),
-            "b": parts("b", np.float32),
-            "mode": parts("mode", mode_dtype(self.n_modes)),
-            "rounds": list(self.event_rounds),
-        }
+        weight's event number and the round after which each event happened); the events'
+        coefficients are the online statistics' frozen ones, the layout is derived from them."""
         return {
             **super().state_dict(),
             "online": self.online.state_dict(),
             "schedule": self.schedule.state_dict(),
-            "events": events,
+            "events": {"event_of": self.event_of, "rounds": list(self.event_rounds)},
             "references_held": self.references_held,
             "paper_floats": [[r, v] for r, v in self.paper_floats.items()],
         }
@@ -262,55 +365,51 @@ class CMD(FedcmdStrategy):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         load_part(state, "online", self.online.load_state_dict)
-        load_part(state, "schedule", self.schedule.load_state_dict)
-        if self.online.ready:
-            self.reference_index = np.asarray(self.online.reference_index, dtype=np.int64)
-        load_part(state, "events", self._load_events)
-        schedule_mask = state["schedule"]["embedded_mask"]
-        if (self.online.ready and not np.array_equal(self.online.frozen_mask, self.embedded)) or (
-            schedule_mask.size and not np.array_equal(schedule_mask, self.embedded)
-        ):
+        load_part(state, "schedule", lambda part: self.schedule.load_state_dict(part, self.weights.size))
+        last_event = state["schedule"]["last_event"]
+        if last_event >= self.online.n_observed or (last_event >= 0) != self.online.ready:
             raise CheckpointError(
-                "the events' weights are not the ones the online statistics and the schedule froze", ("events",)
+                f"the schedule's last event (snapshot {last_event}) does not fit the online statistics "
+                f"({self.online.n_observed} snapshots, fitted: {self.online.ready})",
+                ("schedule",),
             )
+        self.reference_index = (
+            np.asarray(self.online.reference_index, dtype=np.int64) if self.online.ready else np.zeros(0, np.int64)
+        )
+        load_part(state, "events", self._load_events)
         self.references_held = entry(state, "references_held", bool)
         self.paper_floats = by_round(state, "paper_floats", float)
+        self._refresh_layout()
 
     def _load_events(self, state: dict[str, Any]) -> None:
-        n, modes = self.weights.size, self.reference_index.size
-        sizes = array_entry(state, "sizes", np.int64, (None,))
-        total = int(sizes.sum())
-        index = array_entry(state, "index", np.int64, (total,))
-        a, b = (array_entry(state, key, np.float32, (total,)) for key in ("a", "b"))
-        mode = array_entry(state, "mode", mode_dtype(self.n_modes), (total,))
+        if "index" in state:
+            raise CheckpointError(
+                "an event log in the format of an older fedcmd (each event's indices and coefficients); "
+                "this version cannot resume it: start a new run"
+            )
         rounds = entry(state, "rounds", list)
-        if len(rounds) != sizes.size or not all(type(r) is int for r in rounds) or rounds != sorted(set(rounds)):
-            raise CheckpointError(f"must be {sizes.size} increasing rounds, got {shown(rounds)}", ("rounds",))
-        if sizes.size and not self.online.ready:
+        if not all(type(r) is int for r in rounds) or rounds != sorted(set(rounds)):
+            raise CheckpointError(f"must be increasing rounds, got {shown(rounds)}", ("rounds",))
+        n_events = len(rounds)
+        event_of = array_entry(state, "event_of", event_dtype(n_events), self.weights.shape)
+        if n_events and not self.online.ready:
             raise CheckpointError("embedding events before the CMD fit of the online statistics")
+        if event_of.size and int(event_of.max()) > n_events:
+            raise CheckpointError(f"event numbers must lie in [0, {n_events}]", ("event_of",))
+        sizes = np.bincount(event_of, minlength=n_events + 1)[1:]
         if (sizes < 1).any():
-            raise CheckpointError("an event embeds no weight", ("sizes",))
-        embedded = np.zeros(n, dtype=bool)
-        starts = np.cumsum(sizes) - sizes
-        for start, size in zip(starts, sizes):
-            event = index[start : start + size]
-            if event.min() < 0 or event.max() >= n or (np.diff(event) <= 0).any():
-                raise CheckpointError(f"each event's weights must be ascending indices in [0, {n})", ("index",))
-            embedded[event] = True
-        if int(embedded.sum()) != total or embedded[self.reference_index].any():
-            raise CheckpointError("a weight is embedded twice, or a reference weight is embedded", ("index",))
-        if total and int(mode.max()) >= modes:
-            raise CheckpointError(f"modes must lie in [0, {modes})", ("mode",))
-        self.events = [
-            EmbeddingEvent(index[i : i + k], a[i : i + k], b[i : i + k], mode[i : i + k]) for i, k in zip(starts, sizes)
-        ]
-        self.event_rounds, self.embedded = list(rounds), embedded
-        self._refresh_layout()
+            raise CheckpointError("an event embeds no weight", ("event_of",))
+        if event_of[self.reference_index].any():
+            raise CheckpointError("a reference weight is embedded", ("event_of",))
+        embedded = event_of != 0
+        if not np.array_equal(embedded, self.embedded):
+            raise CheckpointError("the events' weights are not the ones the online statistics froze", ("event_of",))
+        self.event_of, self.event_rounds, self.event_sizes = event_of.copy(), list(rounds), [int(k) for k in sizes]
 
     # ----- reporting ---------------------------------------------------------------------------
     def round_metrics(self, server_round: int) -> dict[str, float]:
         return {
-            "embedded_fraction": float(self.embedded.mean()),
+            "embedded_fraction": self.n_embedded / self.weights.size,
             "store_version": self.version,
             "paper_floats": self.paper_floats.get(server_round, float("nan")),
         }
@@ -322,7 +421,7 @@ class CMD(FedcmdStrategy):
         return {
             "paper_floats": paper,
             "paper_volume_ratio": paper / reference if reference else float("nan"),
-            "embedded_fraction": float(self.embedded.mean()),
+            "embedded_fraction": self.n_embedded / self.weights.size,
             "embedding_events": self.version,
             "cmd_modes": self.n_modes,
             "cmd_warmup": self.config["cmd-warmup"],

@@ -269,7 +269,7 @@ def test_a_checkpoint_is_json_and_arrays_without_pickle(cmd_run):
     assert str(arrays.pop("checkpoint-token")) == doc["token"]
     assert array_names(doc) == set(arrays)  # every array is named by the json, and only those
     assert {"weights", "accountant", "rounds", "broadcast", "online", "schedule", "events"} <= set(doc["strategy"])
-    assert arrays["strategy/events/sizes"].size >= 1 and doc["strategy"]["broadcast"] is not None
+    assert arrays["strategy/events/event_of"].max() >= 1 and doc["strategy"]["broadcast"] is not None
 
 
 @pytest.mark.parametrize("run", ["cmd_run", "apf_run"])
@@ -320,8 +320,8 @@ def delete(*keys):
         (None, shorten("strategy/weights"), r"strategy\.weights: has shape \(\d+,\), expected \(\d+,\)"),
         (
             None,
-            lambda a: a.update({"strategy/events/a": a["strategy/events/a"].astype(np.float64)}),
-            r"strategy\.events\.a: must be float32, got float64",
+            lambda a: a.update({"strategy/events/event_of": a["strategy/events/event_of"].astype(np.int64)}),
+            r"strategy\.events\.event_of: must be uint8, got int64",
         ),
         (
             None,
@@ -330,8 +330,21 @@ def delete(*keys):
         ),
         (
             None,
-            lambda a: a["strategy/events/index"].__setitem__(0, 10**6),
-            r"strategy\.events\.index: each event's weights must be ascending indices in \[0, \d+\)",
+            lambda a: a["strategy/events/event_of"].__setitem__(0, 200),
+            r"strategy\.events\.event_of: event numbers must lie in \[0, \d+\]",
+        ),
+        (
+            None,
+            lambda a: a["strategy/events/event_of"].__setitem__(
+                np.flatnonzero(a["strategy/events/event_of"] == 0)[-1], 1
+            ),
+            r"strategy\.events\.event_of: (the events' weights are not the ones the online statistics froze"
+            r"|a reference weight is embedded)",
+        ),
+        (
+            lambda d: d["strategy"]["events"].update(index=[]),
+            None,
+            r"strategy\.events: an event log in the format of an older fedcmd .* start a new run",
         ),
         (
             None,
@@ -340,8 +353,8 @@ def delete(*keys):
         ),
         (
             None,
-            delete("strategy/events/mode"),
-            "refers to an array 'strategy/events/mode' that the array file does not hold",
+            delete("strategy/events/event_of"),
+            "refers to an array 'strategy/events/event_of' that the array file does not hold",
         ),
         (None, lambda a: a.update({"checkpoint-token": np.array("0" * 32)}), "their tokens differ"),
         (lambda d: d.update(format=3), None, r"is not a fedcmd checkpoint of format 2 \(its format is 3\)"),

@@ -271,7 +271,7 @@ def test_online_state_is_compact_and_holds_no_trajectory():
     stream(online, w, 3, 5)
     assert online.state_dict()["buffer"].size == 0
     assert online.nbytes / 20000 <= 32
-    assert online.nbytes / 20000 == pytest.approx(25.0, abs=0.1)
+    assert online.nbytes / 20000 == pytest.approx(18.0, abs=0.1)  # a, b float64, mode uint8, frozen flag
 
 
 def test_model_weights():
@@ -446,3 +446,37 @@ def test_cmd_callback_embeds_and_evaluates_without_changing_training_weights():
         assert not late.online.ready
         late.on_epoch_end(epoch)
     assert late.online.ready and late.online.n_observed == 3
+
+
+def test_compact_online_and_schedule_state():
+    from fedcmd.cmd import _uint_for
+
+    assert [_uint_for(n) for n in (1, 256, 257, 65536, 65537)] == [np.uint8, np.uint8, np.uint16, np.uint16, np.uint32]
+    w, _, _, _ = plant(900, 3, 10, 0.05, seed=17)
+    online, schedule = OnlineCMD(900, 3, 3, n_samples=200), EmbeddingSchedule(0.2, 1)
+    stream(online, w, 0, 4)
+    schedule.step(online)
+    stream(online, w, 4, 5)
+    assert schedule.step(online).size == 180
+    assert online.modes.dtype == np.uint8 and online.state_dict()["modes"].dtype == np.uint8
+    # one mask: the schedule's embedded weights are the online statistics' frozen weights
+    assert np.array_equal(schedule.embedded_mask, online.frozen_mask) and not schedule.embedded_mask.flags.writeable
+    state = schedule.state_dict()
+    assert "embedded_mask" not in state and state["a_old"].dtype == state["b_old"].dtype == np.float32
+    np.testing.assert_array_equal(state["a_old"], online.a.astype(np.float32))
+    # modes written as int64 (an older state) load into the compact type, values unchanged
+    again = OnlineCMD(900, 3, 3, n_samples=200)
+    again.load_state_dict({**online.state_dict(), "modes": online.modes.astype(np.int64)})
+    assert again.modes.dtype == np.uint8 and np.array_equal(again.modes, online.modes)
+    frozen_reference = online.frozen_mask.copy()
+    frozen_reference[online.reference_index[0]] = True
+    with pytest.raises(ValueError, match="freezes a reference weight"):
+        again.load_state_dict({**online.state_dict(), "frozen_mask": frozen_reference})
+    with pytest.raises(ValueError, match=r"state\['a_old'\] must be a 1-D float32 array, got float64"):
+        EmbeddingSchedule(0.2, 1).load_state_dict({**state, "a_old": state["a_old"].astype(np.float64)})
+    with pytest.raises(ValueError, match="do not fit last_event 4 and 901 weights"):
+        EmbeddingSchedule(0.2, 1).load_state_dict(state, n_params=901)
+    restored = EmbeddingSchedule(0.2, 1)
+    restored.load_state_dict(state)
+    with pytest.raises(ValueError, match="this schedule tracks 900"):
+        restored.step(OnlineCMD(901, 3, 3))

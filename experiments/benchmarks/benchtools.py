@@ -16,6 +16,7 @@ import resource
 import sys
 import threading
 import time
+import types
 from collections import defaultdict
 from importlib import metadata
 from pathlib import Path
@@ -117,6 +118,57 @@ class PhaseTimers:
 # ------------------------------------------------------------------------------------------ memory
 
 
+def held_arrays(root: Any, name: str = "strategy") -> list[dict[str, Any]]:
+    """Every numpy array and bytes object reachable from `root` through attributes (`__dict__` and
+    `__slots__`), dicts, lists, tuples and sets, recursively; each counted once, under the first
+    path that reaches it ("strategy.online._a"). A view counts as the array that owns its data (the
+    memory held), so views and repeated references add nothing. Largest first: path, dtype, shape,
+    bytes."""
+    seen: set[int] = set()
+    found: list[dict[str, Any]] = []
+    skip = (types.ModuleType, type, types.FunctionType, types.BuiltinFunctionType, types.MethodType)
+    scalars = (str, int, float, complex, bool, type(None), np.generic, np.dtype)
+
+    def visit(obj: Any, path: str) -> None:
+        if isinstance(obj, np.ndarray):
+            while isinstance(obj.base, np.ndarray):
+                obj = obj.base
+            if isinstance(obj.base, (bytes, bytearray, memoryview)):
+                obj = obj.base  # an array over a buffer (np.frombuffer): the buffer is what is held
+        while isinstance(obj, memoryview) and obj.obj is not None:
+            obj = obj.obj  # the buffer it shows (e.g. a Flower Array's bytes)
+        if isinstance(obj, scalars + skip) or id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, np.ndarray):
+            found.append(dict(path=path, dtype=str(obj.dtype), shape=list(obj.shape), bytes=int(obj.nbytes)))
+        elif isinstance(obj, (bytes, bytearray, memoryview)):
+            size = obj.nbytes if isinstance(obj, memoryview) else len(obj)
+            found.append(dict(path=path, dtype=type(obj).__name__, shape=[size], bytes=int(size)))
+        elif isinstance(obj, dict):
+            for key, value in obj.items():
+                visit(value, f"{path}[{key!r}]")
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            for i, value in enumerate(obj):
+                visit(value, f"{path}[{i}]")
+        else:
+            for key, value in getattr(obj, "__dict__", {}).items():
+                visit(value, f"{path}.{key}")
+            for cls in type(obj).__mro__:
+                slots = getattr(cls, "__slots__", ())
+                for slot in (slots,) if isinstance(slots, str) else slots:
+                    if slot != "__dict__" and hasattr(obj, slot):
+                        visit(getattr(obj, slot), f"{path}.{slot}")
+
+    visit(root, name)
+    return sorted(found, key=lambda row: -row["bytes"])
+
+
+def held_bytes(root: Any) -> int:
+    """Total bytes of `held_arrays(root)`."""
+    return sum(row["bytes"] for row in held_arrays(root))
+
+
 def wrap_cmd_strategy(t: PhaseTimers) -> PhaseTimers:
     """Time the federated CMD server's parts (strategy methods, encoding, accountant, online CMD)."""
     import fedcmd.accountant
@@ -129,8 +181,9 @@ def wrap_cmd_strategy(t: PhaseTimers) -> PhaseTimers:
         t.wrap(CMD, name)
     t.wrap(CMD, "_advance_cmd", "advance_cmd")
     t.wrap(CMD, "_refresh_layout", "refresh_layout")
-    for name in ("encode_events", "vector_record", "weighted_mean", "rebuild_embedded"):
+    for name in ("encode_events", "vector_record", "weighted_mean"):
         t.wrap(strategies.cmd, name)
+    t.wrap(CMD, "rebuild_embedded")
     t.wrap(VolumeAccountant, "record_message", "accountant")
     t.wrap(fedcmd.accountant, "message_bytes", "wire_size")  # what record_message measures with
     t.wrap(OnlineCMD, "observe", "online_observe")

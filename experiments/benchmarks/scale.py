@@ -105,7 +105,7 @@ def derived_stores(strategy) -> list[tuple[int, int, int]]:
     stores = []
     for version in strategy.acked.values():
         store = CoefficientStore(strategy.weights.size)
-        store.apply(0, version, strategy.events[:version], strategy.reference_index if version else None)
+        store.apply(0, version, strategy.events_since(0)[:version], strategy.reference_index if version else None)
         stores.append((int(store.embedded.sum()), store.nbytes(), 0))
     return stores
 
