@@ -154,15 +154,17 @@ class CMD(FedcmdStrategy):
 
     @property
     def free_index(self) -> np.ndarray:
-        """int64, ascending: the weights sent densely (all of them before the first event; then the
+        """Ascending indices (int32 below 2^31 weights: 4 bytes each while a round holds them, next to
+        its accumulator): the weights sent densely (all of them before the first event; then the
         non-embedded, non-reference ones). Derived, kept until the round's aggregation ends."""
+        dtype = np.int32 if self.weights.size < 2**31 else np.int64
 
         def build() -> np.ndarray:
             if not self.version:
-                return np.arange(self.weights.size, dtype=np.int64)
+                return np.arange(self.weights.size, dtype=dtype)
             free = self.event_of == 0
             free[self.reference_index] = False
-            return np.flatnonzero(free)
+            return np.flatnonzero(free).astype(dtype)
 
         return self._derive("free_index", build)
 
