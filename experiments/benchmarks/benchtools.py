@@ -174,14 +174,17 @@ def wrap_cmd_strategy(t: PhaseTimers) -> PhaseTimers:
     import fedcmd.accountant
     import strategies.cmd
     from fedcmd.accountant import VolumeAccountant
+    from fedcmd.aggregation import ExactMean
     from fedcmd.cmd import EmbeddingSchedule, OnlineCMD
     from strategies.cmd import CMD
 
-    for name in ("configure_train", "aggregate_train", "train_content", "parse_reply", "aggregate", "global_arrays"):
+    for name in ("configure_train", "aggregate_train", "train_content", "parse_reply", "aggregate", "accumulators"):
         t.wrap(CMD, name)
+    t.wrap(ExactMean, "add", "mean_add")
+    t.wrap(ExactMean, "mean_into", "mean_into")
     t.wrap(CMD, "_advance_cmd", "advance_cmd")
     t.wrap(CMD, "_refresh_layout", "refresh_layout")
-    for name in ("encode_events", "vector_record", "weighted_mean"):
+    for name in ("encode_events", "vector_record"):
         t.wrap(strategies.cmd, name)
     t.wrap(CMD, "rebuild_embedded")
     t.wrap(VolumeAccountant, "record_message", "accountant")
