@@ -40,7 +40,7 @@ import tracemalloc
 from pathlib import Path
 
 import numpy as np
-from benchtools import command_line, default_out, machine, mb, write_outputs
+from benchtools import command_line, default_out, held_arrays, machine, mb, write_outputs
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -194,34 +194,8 @@ def run_round(strategy, rnd: int, *, drift: float, noise: float, floor: bool) ->
 
 
 def strategy_arrays(strategy) -> dict[str, int]:
-    """Bytes of every numpy array the strategy holds (attributes, recursively through objects,
-    dicts, lists and tuples; each array once)."""
-    seen: set[int] = set()
-    out: dict[str, int] = {}
-
-    def walk(obj, path, depth):
-        if depth > 6 or id(obj) in seen:
-            return
-        seen.add(id(obj))
-        if isinstance(obj, np.ndarray):
-            if obj.nbytes:
-                base = obj if obj.base is None else obj.base
-                if id(base) not in seen or base is obj:
-                    seen.add(id(base))
-                    out[path] = out.get(path, 0) + obj.nbytes
-            return
-        if isinstance(obj, dict):
-            for k, v in obj.items():
-                walk(v, f"{path}[{k!r}]" if len(str(k)) < 30 else f"{path}[...]", depth + 1)
-        elif isinstance(obj, (list, tuple)):
-            for v in obj:
-                walk(v, f"{path}[]", depth + 1)
-        elif hasattr(obj, "__dict__") and not isinstance(obj, type):
-            for k, v in vars(obj).items():
-                walk(v, f"{path}.{k}", depth + 1)
-
-    walk(strategy, "strategy", 0)
-    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+    """Bytes of every array the strategy holds, by path (`benchtools.held_arrays`)."""
+    return {row["path"]: row["bytes"] for row in held_arrays(strategy)}
 
 
 def time_part(layout: dict, rounds: dict[str, int]) -> list[dict]:
