@@ -24,20 +24,26 @@ for the order to change:
   below that. The bound refuses a value more than 65,536 times its tensor's largest weight, which
   an honest client does not send in one round; a lying one is rejected (and counted).
 
-Memory: one float64 accumulator (8 bytes per value) and a scratch chunk; a reply is read in
-chunks of `CHUNK` values and never copied whole.
+Memory: one float64 accumulator (8 bytes per value), nothing else per value: a reply is read in
+place (a view of its bytes) and each pass is one compiled loop (`fedcmd.kernels`) with no scratch.
+
+Positions: the vector stands for `model[positions]`, where positions is a slice, ascending indices,
+or `Free` (CMD's densely sent weights, walked without an index array).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedcmd import kernels
+
 HEADROOM_BITS = 16
 FLOOR = 2.0**-10  # the smallest m_s: a segment that is all zeros (e.g. a bias) still gets a grid
-CHUNK = 1 << 16  # values per pass: the scratch stays in cache
+CHUNK = 1 << 16  # values per numpy pass where one remains (maxima): a chunk stays in cache
 MAX_EXAMPLES = 1 << 29  # n * x is exact in float64 below this (24 + 29 bits)
 
 
@@ -45,23 +51,61 @@ class RefusedValues(ValueError):
     """A vector the accumulator cannot take exactly (wrong length, non-finite or too large)."""
 
 
-def segments_of(positions: np.ndarray | slice, offsets: Sequence[int], size: int) -> list[tuple[int, int]]:
-    """Segments (start, stop) of a vector that holds the weights at `positions` (ascending indices into
-    a model of `size` weights whose tensors start at `offsets`, or a slice of it): one per tensor."""
-    bounds = np.unique(np.clip(np.concatenate([[0], np.asarray(offsets, dtype=np.int64), [size]]), 0, size))
+@dataclass(frozen=True, eq=False)
+class Free:
+    """The positions i of a model of frozen.size weights with frozen[i] False and i not in refs
+    (ascending int64), in ascending order: CMD's densely sent weights, without an index array."""
+
+    frozen: np.ndarray
+    refs: np.ndarray
+    _counted: dict = field(default_factory=dict, repr=False)  # bounds -> counts (a pass over N each)
+
+    def counts(self, bounds: np.ndarray) -> np.ndarray:
+        """How many positions lie in each [bounds[t], bounds[t + 1]) (kept: frozen must not change
+        while this object is used)."""
+        bounds = np.asarray(bounds, dtype=np.int64)
+        key = bounds.tobytes()
+        if key not in self._counted:
+            self._counted[key] = kernels.count_free(self.frozen, self.refs, bounds)
+        return self._counted[key]
+
+    @property
+    def size(self) -> int:
+        for counts in self._counted.values():
+            return int(counts.sum())
+        return int(self.counts(np.array([0, self.frozen.size]))[0])
+
+
+Positions = slice | np.ndarray | Free
+
+
+def tensor_bounds(offsets: Sequence[int], size: int) -> np.ndarray:
+    """[0, the tensors' starts within [0, size), size], ascending, without repeats."""
+    return np.unique(np.clip(np.concatenate([[0], np.asarray(offsets, dtype=np.int64), [size]]), 0, size))
+
+
+def _per_tensor(positions: Positions, bounds: np.ndarray, size: int) -> np.ndarray:
+    """How many of `positions` lie in each tensor [bounds[t], bounds[t + 1])."""
     if isinstance(positions, slice):
         start, stop, step = positions.indices(size)
         if step != 1:
             raise ValueError("positions must be a contiguous slice")
-        cuts, length = np.clip(bounds, start, stop) - start, stop - start
-    else:
-        cuts, length = np.searchsorted(positions, bounds), len(positions)
-    cuts = np.unique(np.concatenate([[0], cuts, [length]]))
+        return np.diff(np.clip(bounds, start, stop))
+    if isinstance(positions, Free):
+        return positions.counts(bounds)
+    return np.diff(np.searchsorted(positions, bounds))
+
+
+def segments_of(positions: Positions, offsets: Sequence[int], size: int) -> list[tuple[int, int]]:
+    """Segments (start, stop) of a vector that holds the weights at `positions` of a model of `size`
+    weights whose tensors start at `offsets`: one per tensor that holds any of them."""
+    counts = _per_tensor(positions, tensor_bounds(offsets, size), size)
+    cuts = np.concatenate([[0], np.cumsum(counts[counts > 0])])
     return [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:])]
 
 
 def segment_maxima(
-    model: np.ndarray, positions: np.ndarray | slice, segments: Sequence[tuple[int, int]]
+    model: np.ndarray, positions: slice | np.ndarray, segments: Sequence[tuple[int, int]]
 ) -> list[float]:
     """max |model[positions][start:stop]| per segment, read in chunks (no copy of the whole subset)."""
     out = []
@@ -101,52 +145,56 @@ class ExactMean:
             covered.append(stop)
         self.size = covered[-1]
         self.segments = list(segments)
+        self.bounds = np.asarray(covered, dtype=np.int64)
         self.max_examples = int(max_examples)
-        self.limit = []  # per segment: the largest |x| taken, float32
-        self.grid = []  # per segment: q_s
+        limits, grids = [], []  # per segment: the largest |x| taken (float32), and q_s
         for top in maxima:
             if not math.isfinite(top) or top < 0:
                 raise ValueError(f"segment maxima must be finite and >= 0, got {top}")
             m = max(float(np.float32(top)), FLOOR) * 2.0**HEADROOM_BITS
-            self.limit.append(np.float32(m))
-            self.grid.append(2.0 ** (math.ceil(math.log2(self.max_examples * m)) - 52))
+            limits.append(m)
+            grids.append(2.0 ** (math.ceil(math.log2(self.max_examples * m)) - 52))
+        self.limits = np.asarray(limits, dtype=np.float32)
+        self.grids = np.asarray(grids, dtype=np.float64)
         self.total = np.zeros(self.size, dtype=np.float64)
         self.examples = 0
-        self._scratch = np.empty(min(CHUNK, max(self.size, 1)), dtype=np.float64)
 
     @classmethod
     def over(
         cls,
         model: np.ndarray,
-        positions: np.ndarray | slice,
+        positions: Positions,
         offsets: Sequence[int],
         max_examples: int,
         *,
         each: bool = False,
     ) -> ExactMean:
-        """The mean of vectors that stand for `model[positions]` (ascending indices, or a slice): one
-        segment per tensor of the model (tensors start at `offsets`; the grid of a segment of scattered
-        positions comes from its whole tensor), or per value with `each`."""
-        if isinstance(positions, slice):
-            size = len(range(*positions.indices(model.size)))
-        else:
-            size = len(positions)
+        """The mean of vectors that stand for `model[positions]` (a slice, ascending indices or `Free`):
+        one segment per tensor of the model (tensors start at `offsets`; the grid of a segment of
+        scattered positions comes from its whole tensor), or per value with `each` (indices only)."""
         if each:
-            segments = [(i, i + 1) for i in range(size)]
+            if not isinstance(positions, np.ndarray):
+                raise ValueError("each=True takes an index array")
+            segments = [(i, i + 1) for i in range(len(positions))]
             return cls(segments, segment_maxima(model, positions, segments), max_examples)
-        segments = segments_of(positions, offsets, model.size)
+        bounds = tensor_bounds(offsets, model.size)
+        counts = _per_tensor(positions, bounds, model.size)
+        held = np.flatnonzero(counts)
+        cuts = np.concatenate([[0], np.cumsum(counts[held])])
+        segments = [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:])]
         if isinstance(positions, slice):
             return cls(segments, segment_maxima(model, positions, segments), max_examples)
         # Scattered positions: each segment's grid from its whole tensor in the model sent (a bound at
         # least as large, read contiguously rather than gathered).
-        bounds = np.unique(
-            np.clip(np.concatenate([[0], np.asarray(offsets, dtype=np.int64), [model.size]]), 0, model.size)
-        )
-        tensors = np.searchsorted(bounds, [positions[start] for start, _ in segments], side="right") - 1
-        whole = segment_maxima(model, slice(None), [(int(bounds[t]), int(bounds[t + 1])) for t in tensors])
+        whole = segment_maxima(model, slice(None), [(int(bounds[t]), int(bounds[t + 1])) for t in held])
         return cls(segments, whole, max_examples)
 
-    def _refusal(self, value: float, start: int, stop: int, limit: np.float32) -> RefusedValues:
+    def _segment(self, i: int) -> int:
+        return int(np.searchsorted(self.bounds, i, side="right")) - 1
+
+    def _refusal(self, values: np.ndarray, i: int) -> RefusedValues:
+        s = self._segment(i)
+        value, (start, stop), limit = float(values[i]), self.segments[s], self.limits[s]
         if not math.isfinite(value):
             return RefusedValues(f"holds NaN or Inf (a {value} in [{start}, {stop}))")
         return RefusedValues(
@@ -154,87 +202,68 @@ class ExactMean:
             f"(2^{HEADROOM_BITS} x that segment's largest magnitude sent, at least {FLOOR})"
         )
 
-    def check(self, values: np.ndarray) -> np.ndarray:
-        """`values` as a flat float32 vector that `add` takes, or RefusedValues saying why not; nothing
-        is added. (`add` checks as it goes, so a caller need not call this first.)"""
+    def _checked(self, values: np.ndarray) -> np.ndarray:
         values = np.asarray(values)
         if values.dtype != np.float32 or values.shape != (self.size,):
             raise RefusedValues(f"expected {self.size} float32 values, got {values.dtype} {values.shape}")
-        for (start, stop), limit in zip(self.segments, self.limit):
-            part = values[start:stop]
-            low, high = part.min(), part.max()
-            if not (-limit <= low and high <= limit):  # False for NaN too
-                raise self._refusal(float(low if not -limit <= low else high), start, stop, limit)
+        return values
+
+    def check(self, values: np.ndarray) -> np.ndarray:
+        """`values` as a flat float32 vector that `add` takes, or RefusedValues saying why not; nothing
+        is added. (`add` checks as it goes, so a caller need not call this first.)"""
+        values = self._checked(values)
+        bad = kernels.first_refused(values, self.bounds, self.limits)
+        if bad >= 0:
+            raise self._refusal(values, bad)
         return values
 
     def add(self, values: np.ndarray, examples: int) -> None:
         """Add a reply's values with weight `examples` (a positive integer), or raise RefusedValues
         (wrong shape or dtype, a value not finite or beyond its segment's limit) with nothing added:
-        the values are checked chunk by chunk as they are added, and on a refusal the chunks already
-        added are taken out again, exactly (the sums are integers)."""
+        the values are checked as they are added, and on a refusal the ones already added are taken
+        out again, exactly (the sums are integers)."""
         if isinstance(examples, bool) or int(examples) != examples or not 0 < examples:
             raise ValueError(f"examples must be a positive integer, got {examples!r}")
         examples = int(examples)
         if self.examples + examples > self.max_examples:
             raise ValueError(f"more examples than the bound: {self.examples} + {examples} > {self.max_examples}")
-        values = np.asarray(values)
-        if values.dtype != np.float32 or values.shape != (self.size,):
-            raise RefusedValues(f"expected {self.size} float32 values, got {values.dtype} {values.shape}")
-        done = 0
-        try:
-            for (start, stop), q, limit in zip(self.segments, self.grid, self.limit):
-                factor = examples / q  # exact: an integer over a power of two
-                for lo in range(start, stop, CHUNK):
-                    hi = min(lo + CHUNK, stop)
-                    part, t = values[lo:hi], self._scratch[: hi - lo]
-                    low, high = part.min(), part.max()  # float32 reductions: twice as fast as on the copy
-                    if not (-limit <= low and high <= limit):  # False for NaN too
-                        raise self._refusal(float(low if not -limit <= low else high), start, stop, limit)
-                    np.copyto(t, part)
-                    t *= factor
-                    np.rint(t, out=t)
-                    self.total[lo:hi] += t
-                    done = hi
-        except RefusedValues:
-            self._take_out(values, examples, done)
-            raise
+        values = self._checked(values)
+        factors = examples / self.grids  # exact: an integer over a power of two
+        bad = kernels.add_rounded(self.total, values, self.bounds, factors, self.limits)
+        if bad >= 0:
+            kernels.take_out_rounded(self.total, values, self.bounds, factors, bad)
+            raise self._refusal(values, bad)
         self.examples += examples
 
     def remove(self, values: np.ndarray, examples: int) -> None:
         """Undo `add(values, examples)` exactly (a reply refused for another vector after this one)."""
-        self._take_out(np.asarray(values), int(examples), self.size)
+        values = self._checked(values)
+        kernels.take_out_rounded(self.total, values, self.bounds, int(examples) / self.grids, self.size)
         self.examples -= int(examples)
 
-    def _take_out(self, values: np.ndarray, examples: int, stop_at: int) -> None:
-        """Subtract the terms `add` added for values[:stop_at]: rint is symmetric, so -rint(y) = rint(-y)."""
-        for (start, stop), q in zip(self.segments, self.grid):
-            factor = -examples / q
-            for lo in range(start, min(stop, stop_at), CHUNK):
-                hi = min(lo + CHUNK, stop, stop_at)
-                t = self._scratch[: hi - lo]
-                np.copyto(t, values[lo:hi])
-                t *= factor
-                np.rint(t, out=t)
-                self.total[lo:hi] += t
-
-    def mean_into(self, out: np.ndarray, index: np.ndarray | slice | None = None) -> None:
+    def mean_into(self, out: np.ndarray, index: Positions | None = None) -> None:
         """Write the mean (float32) into `out[index]` (all of `out` when index is None): out must be
-        float32; `index` ascending positions or a slice with one place per value."""
+        float32; `index` a slice, ascending positions or `Free`, with one place per value."""
         if not self.examples:
             raise ValueError("no values were added")
-        for (start, stop), q in zip(self.segments, self.grid):
-            for lo in range(start, stop, CHUNK):
-                hi = min(lo + CHUNK, stop)
-                t = self._scratch[: hi - lo]
-                np.multiply(self.total[lo:hi], q, out=t)  # exact: q is a power of two
-                t /= self.examples
-                if index is None:
-                    out[lo:hi] = t
-                elif isinstance(index, slice):
-                    first = (index.start or 0) + lo
-                    out[first : first + hi - lo] = t
-                else:
-                    out[index[lo:hi]] = t
+        if out.dtype != np.float32:
+            raise ValueError(f"out must be float32, got {out.dtype}")
+        if index is None or isinstance(index, slice):
+            first = 0 if index is None else index.indices(out.size)[0]
+            if first + self.size > out.size:
+                raise ValueError(f"{self.size} values do not fit out[{first}:] of {out.size}")
+            kernels.mean_contiguous(out, first, self.total, self.bounds, self.grids, float(self.examples))
+        elif isinstance(index, Free):
+            # The means in order first (a vectorised loop; 4 bytes per value while the accumulator is
+            # held, no more than the reply a round holds beside it), then placed in one walk.
+            means = np.empty(self.size, dtype=np.float32)
+            kernels.mean_contiguous(means, 0, self.total, self.bounds, self.grids, float(self.examples))
+            kernels.scatter_free(out, means, index.frozen, index.refs)
+        else:
+            index = np.asarray(index, dtype=np.int64)
+            if index.shape != (self.size,):
+                raise ValueError(f"{index.size} positions for {self.size} values")
+            kernels.mean_indexed(out, index, self.total, self.bounds, self.grids, float(self.examples))
 
     def mean(self) -> np.ndarray:
         out = np.empty(self.size, dtype=np.float32)

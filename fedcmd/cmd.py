@@ -37,6 +37,8 @@ import numpy as np
 from scipy.cluster import hierarchy
 from scipy.spatial.distance import squareform
 
+from fedcmd import kernels
+
 CLUSTERINGS = ("pam", "hierarchical")
 LINKAGES = ("complete", "average", "single", "weighted")
 FEATURES = ("rows", "correlation")
@@ -297,7 +299,7 @@ def _chunk_rows(bytes_per_row: int, chunk_size: int | None) -> int:
 
 
 def _assign_and_fit(
-    trajectories: np.ndarray, references: np.ndarray, chunk_size: int | None
+    trajectories: np.ndarray, references: np.ndarray, chunk_size: int | None, compact_modes: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Mode (argmax |corr| to the references) and least-squares (a, b) of every weight, in chunks."""
     n_params, n_snapshots = trajectories.shape
@@ -312,7 +314,7 @@ def _assign_and_fit(
     projector = np.empty((n_snapshots, n_modes + 1))
     projector[:, :n_modes] = (ref_centred * ref_inv_norm[:, None]).T
     projector[:, n_modes] = 1.0 / n_snapshots
-    modes = np.empty(n_params, dtype=np.int64)
+    modes = np.empty(n_params, dtype=_uint_for(n_modes) if compact_modes else np.int64)
     a = np.empty(n_params, dtype=np.float64)
     b = np.empty(n_params, dtype=np.float64)
     # OpenBLAS runs products below 2^18 multiply-adds on one thread; above, on a shared machine,
@@ -402,6 +404,7 @@ def fit_cmd(
     linkage: str | None = None,
     features: str | None = None,
     chunk_size: int | None = None,
+    compact_modes: bool = False,
 ) -> CMDModel:
     """Post-hoc CMD of trajectories (N x T: row i is weight i, column t is snapshot t).
 
@@ -410,7 +413,9 @@ def fit_cmd(
     correlate with most and fits a_i = cov(w_i, r) / var(r), b_i = mean(w_i) - a_i mean(r)
     (a constant reference gives a_i = 0, b_i = mean(w_i)). Returns at most min(n_modes, K) modes:
     fewer when the samples hold fewer distinct trajectories. numpy arrays (any strides, e.g. a
-    transposed T x N buffer) and torch tensors are accepted; the data are read in chunks.
+    transposed T x N buffer) and torch tensors are accepted; the data are read in chunks. Modes
+    are int64, or with compact_modes the smallest unsigned type that holds them (1 byte per
+    weight instead of 8 while the fit runs: what OnlineCMD keeps).
     """
     options = ClusteringOptions(n_modes, distance_threshold, clustering, linkage, features)
     traj = _as_real_array(trajectories, "trajectories")
@@ -424,7 +429,7 @@ def fit_cmd(
         row = int(bad_rows[0])
         raise _non_finite_error("trajectories", samples[row : row + 1], int(sample_index[row]))
     references = sample_index[_cluster_samples(samples, options)]
-    modes, a, b = _assign_and_fit(traj, references, chunk_size)
+    modes, a, b = _assign_and_fit(traj, references, chunk_size, compact_modes)
     return CMDModel(modes, references, a, b, sample_index)
 
 
@@ -542,12 +547,23 @@ class OnlineCMD:
         theta = _as_real_array(theta, "theta")
         if theta.shape != (self.n_params,):
             raise ValueError(f"theta must have shape ({self.n_params},), got {theta.shape}")
-        if not np.isfinite(theta).all():
+        if not (kernels.finite(theta) if theta.ndim == 1 and theta.dtype.kind == "f" else np.isfinite(theta).all()):
             raise _non_finite_error("theta", theta)
         return theta
 
-    def observe(self, theta: Any) -> None:
-        """Take the next snapshot (flat vector of N weights): buffer it, fit at F, or update (a, b)."""
+    def observe(self, theta: Any, *, rebuild: bool = False) -> None:
+        """Take the next snapshot (flat vector of N weights): buffer it, fit at F, or update (a, b).
+
+        rebuild=True (after the fit, float32 theta): first set theta's frozen weights, in place, to
+        float32(a_i) * theta[ref(mode_i)] + float32(b_i), the embedded weights as a client rebuilds
+        them, in the same pass as the update (a server's embedded weights follow its references)."""
+        if rebuild and self.ready:  # theta is checked after the rebuild, every weight (`_update`)
+            theta = _as_real_array(theta, "theta")
+            if theta.shape != (self.n_params,) or theta.dtype != np.float32:
+                raise ValueError(f"rebuild=True takes float32 theta of shape ({self.n_params},)")
+            self._update(theta, rebuild)
+            self.n_observed += 1
+            return
         theta = self._check_theta(theta)
         if self.ready:
             self._update(theta)
@@ -574,15 +590,16 @@ class OnlineCMD:
             linkage=o.linkage,
             features=o.features,
             chunk_size=self._chunk_size,
+            compact_modes=True,
         )
         ref_centred, self._ref_mean = _centre(self._buffer[:, model.reference_index].T)
         self._ref_m2 = np.einsum("ij,ij->i", ref_centred, ref_centred)
-        self._modes = model.modes.astype(_uint_for(model.n_modes))
+        self._modes = model.modes  # already the smallest unsigned type (compact_modes)
         self._reference_index, self._a, self._b = model.reference_index, model.a, model.b
         self._frozen = np.zeros(self.n_params, dtype=bool)
         self._buffer = None
 
-    def _update(self, theta: np.ndarray) -> None:
+    def _update(self, theta: np.ndarray, rebuild: bool = False) -> None:
         # Welford step per mode; for weight i with old mean c_i = b_i + a_i mean_r and residual
         # e_i = w_i - c_i, the co-moment a_i * M2 grows by e_i (r - mean_r'), so
         # a_i' = a_i M2 / M2' + e_i (r - mean_r') / M2' and b_i' = c_i + e_i / n' - a_i' mean_r'.
@@ -593,41 +610,24 @@ class OnlineCMD:
         moving = m2_new > 0
         keep = np.divide(self._ref_m2, m2_new, out=np.zeros_like(m2_new), where=moving)
         gain = np.divide(r - mean_new, m2_new, out=np.zeros_like(m2_new), where=moving)
-        chunk = _chunk_rows(128, self._chunk_size)
-        centre, residual, new_a, scratch = np.empty((4, min(chunk, self.n_params)))
-        widened = np.empty(min(chunk, self.n_params), dtype=np.intp)
-        for start in range(0, self.n_params, chunk):
-            stop = min(start + chunk, self.n_params)
-            n = stop - start
-            # Four 1-D gathers: numpy's fast path (a 2-D table[:, modes] is ~8x slower); the compact
-            # modes are widened once per chunk (a uint8 index costs each gather a conversion).
-            modes = widened[:n]
-            np.copyto(modes, self._modes[start:stop])
-            old_mean, keep_w, gain_w, new_mean = self._ref_mean[modes], keep[modes], gain[modes], mean_new[modes]
-            a, b, c, e, t = self._a[start:stop], self._b[start:stop], centre[:n], residual[:n], scratch[:n]
-            np.multiply(a, old_mean, out=c)
-            c += b
-            np.copyto(e, theta[start:stop])  # cast once; mixed-dtype ufuncs are ~10x slower
-            e -= c
-            np.multiply(e, 1.0 / n_new, out=t)
-            c += t
-            frozen = self._frozen[start:stop]
-            if frozen.any():
-                na = new_a[:n]
-                np.multiply(a, keep_w, out=na)
-                np.multiply(e, gain_w, out=t)
-                na += t
-                np.multiply(na, new_mean, out=t)
-                np.subtract(c, t, out=t)
-                free = ~frozen
-                np.copyto(a, na, where=free)
-                np.copyto(b, t, where=free)
-            else:
-                a *= keep_w
-                np.multiply(e, gain_w, out=t)
-                a += t
-                np.multiply(a, new_mean, out=t)
-                np.subtract(c, t, out=b)
+        # One compiled pass over the weights that are not frozen (`fedcmd.kernels.online_update`: the
+        # arithmetic above, in float64); frozen (embedded) weights keep their coefficients untouched.
+        references = theta[self._reference_index] if rebuild else np.zeros(0, np.float32)
+        kernels.online_update(
+            self._a,
+            self._b,
+            theta,
+            self._modes,
+            self._frozen,
+            self._ref_mean,
+            keep,
+            gain,
+            mean_new,
+            1.0 / n_new,
+            references,
+        )
+        if rebuild and not kernels.finite(theta):
+            raise _non_finite_error("theta (its embedded weights rebuilt)", theta)
         self._a[self._reference_index] = 1.0
         self._b[self._reference_index] = 0.0
         self._ref_mean, self._ref_m2 = mean_new, m2_new
@@ -779,9 +779,11 @@ class EmbeddingSchedule:
     in `online`, and returns their indices (int64, ascending). Otherwise it returns an empty array.
 
     State: the baseline (a_old, b_old) in float32, 8 bytes per weight. It only ranks the
-    candidates: c_i is computed in float64 against the float32-rounded baseline, which is off by at
-    most 2^-24 of |a_old| and |b_old|, so only weights whose coefficients moved less than that rank
-    on rounding (they are among the most stable either way). The embedded weights are `online`'s
+    candidates: c_i^2 is computed in float64 against the float32-rounded baseline, which is off by
+    at most 2^-24 of |a_old| and |b_old|, so only weights whose coefficients moved less than that
+    rank on rounding (they are among the most stable either way). The ranking is by c_i^2, which
+    orders the weights as c_i does (no square root per weight); of the weights whose c_i equals the
+    P-th smallest, the ones with the lowest indices are taken. The embedded weights are `online`'s
     frozen weights: the schedule keeps no mask of its own, and `embedded_mask` is the
     `frozen_mask` of the OnlineCMD it last stepped.
     """
@@ -820,39 +822,39 @@ class EmbeddingSchedule:
             return nothing
         if latest - self._last_event < self.every:
             return nothing
-        candidates = ~online.frozen_mask
-        candidates[online.reference_index] = False
-        n_candidates = int(np.count_nonzero(candidates))
+        frozen, refs = online.frozen_mask, np.sort(online.reference_index)
+        n_candidates = int(kernels.count_free(frozen, refs, np.array([0, online.n_params]))[0])
         base = n_candidates if self.of_remaining else online.n_params
         count = min(n_candidates, max(1, round(self.fraction * base)))
         if 0 < count < n_candidates:
-            change = self._change(online.a, online.b)
-            change[~candidates] = np.inf  # the others rank last
-            chosen = np.sort(np.argpartition(change, count - 1)[:count])
+            chosen = self._most_stable(online, frozen, refs, n_candidates, count)
         else:
-            chosen = np.flatnonzero(candidates)
+            chosen = np.flatnonzero(~frozen)
+            chosen = chosen[~np.isin(chosen, refs)]
         online.freeze(chosen)
         np.copyto(self._a_old, online.a, casting="same_kind")
         np.copyto(self._b_old, online.b, casting="same_kind")
         self._last_event = latest
         return chosen.astype(np.int64, copy=False)
 
-    def _change(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        """c_i of every weight in float64, in chunks: whole-vector arithmetic beats gathering the
-        candidates, and widening the float32 baseline by copy keeps every ufunc single-dtype."""
-        n = a.size
-        change = np.empty(n)
-        chunk = _chunk_rows(16, None)
-        da, db = np.empty((2, min(chunk, n)))
-        for start in range(0, n, chunk):
-            stop = min(start + chunk, n)
-            x, y = da[: stop - start], db[: stop - start]
-            np.copyto(x, self._a_old[start:stop])
-            np.subtract(a[start:stop], x, out=x)
-            np.copyto(y, self._b_old[start:stop])
-            np.subtract(b[start:stop], y, out=y)
-            np.hypot(x, y, out=change[start:stop])
-        return change
+    def _most_stable(
+        self, online: OnlineCMD, frozen: np.ndarray, refs: np.ndarray, n_candidates: int, count: int
+    ) -> np.ndarray:
+        """The `count` candidates with the smallest c_i, ascending. c_i^2 is computed once, in float64, for
+        the candidates only (`fedcmd.kernels.coefficient_change`); its count-th smallest value is
+        found by radix passes over those values (`kth_smallest`, no copy, no reordering), and one
+        more pass takes every candidate below it and, of those equal to it, the first ones by
+        index: the result does not depend on how a selection algorithm orders ties. Memory: 8 bytes
+        per candidate and 8 per chosen weight."""
+        change = np.empty(n_candidates + 1)  # one spare slot for the compiled walk
+        kernels.coefficient_change(change, online.a, online.b, self._a_old, self._b_old, frozen, refs)
+        change = change[:n_candidates]
+        threshold, ties = kernels.kth_smallest(change, count)
+        chosen = np.empty(count + 1, dtype=np.int64)
+        written = kernels.select_free(chosen, change, threshold, ties, frozen, refs)
+        if written != count:  # cannot happen: the threshold is the count-th value
+            raise RuntimeError(f"selected {written} weights, expected {count}")
+        return chosen[:count]
 
     def state_dict(self) -> dict[str, Any]:
         empty = np.zeros(0, dtype=np.float32)

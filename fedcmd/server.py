@@ -217,7 +217,9 @@ def make_strategy(config: dict[str, Any], accountant: VolumeAccountant | None = 
     model = task.new_model(config, seed=config["seed"])
     weight_layout, buffer_layout = task.layouts(config)
     cls = algorithm(config["strategy"]).server_class()
-    return cls(weight_layout.flatten(model), buffer_layout.flatten(model), config, accountant)
+    strategy = cls(weight_layout.flatten(model), buffer_layout.flatten(model), config, accountant)
+    strategy.prepare()
+    return strategy
 
 
 class CentralEvaluator:

@@ -10,6 +10,7 @@ specific records live in `fedcmd/protocols/<algorithm>.py`.
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Mapping
 from typing import Any
@@ -48,7 +49,27 @@ def array_view(array: Array) -> np.ndarray:
     if array.stype != "numpy.ndarray":
         raise ValueError(f"not a numpy array: stype {array.stype!r}")
     data = array.data
-    stream = io.BytesIO(bytes(memoryview(data)[:HEADER_LIMIT]))  # the header only: no copy of the values
+    view = memoryview(data)
+    if len(view) < 10:
+        raise ValueError("not a .npy array: too short")
+    # The header's length is in its first bytes; the header itself (~128 bytes) is parsed once per
+    # distinct header (a round's replies share a handful), not once per reply.
+    major = view[6] if bytes(view[:6]) == b"\x93NUMPY" else None
+    length = int.from_bytes(view[8:10] if major == 1 else view[8:12], "little") if major in (1, 2) else 0
+    start = 10 if major == 1 else 12
+    if start + length > min(len(view), HEADER_LIMIT):
+        raise ValueError("the .npy header is longer than the data or than 64 KB")
+    shape, fortran, dtype, offset = _parse_header(bytes(view[: start + length]))
+    count = int(np.prod(shape, dtype=np.int64))
+    if len(data) - offset != count * dtype.itemsize:
+        raise ValueError(f"{len(data) - offset} data bytes for {count} values of {dtype}")
+    values = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+    return values.reshape(shape, order="F" if fortran else "C")
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    stream = io.BytesIO(header)
     version = np.lib.format.read_magic(stream)
     if version == (1, 0):
         shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
@@ -58,12 +79,7 @@ def array_view(array: Array) -> np.ndarray:
         raise ValueError(f"unsupported .npy version {version}")
     if dtype.hasobject:
         raise ValueError("object arrays are not accepted")
-    count = int(np.prod(shape, dtype=np.int64))
-    offset = stream.tell()
-    if len(data) - offset != count * dtype.itemsize:
-        raise ValueError(f"{len(data) - offset} data bytes for {count} values of {dtype}")
-    values = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
-    return values.reshape(shape, order="F" if fortran else "C")
+    return shape, fortran, dtype, stream.tell()
 
 
 def vector_record(values: np.ndarray) -> ArrayRecord:

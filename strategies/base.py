@@ -156,6 +156,12 @@ class FedcmdStrategy(Strategy):
         self.held: dict[int, int] = {}  # partition -> model version it holds (lossy downlink)
         self.sent_version: dict[int, int] = {}  # partition -> model version sent this round
 
+    def prepare(self) -> None:
+        """Derive now, when the server starts, what the first round would otherwise pay for: the data
+        partitions (replies' example counts are checked against them) and the model's tensor offsets."""
+        task.partitions(self.config)
+        self._offsets(0, self.weights.size)
+
     # ----- what subclasses define -------------------------------------------------------------
     def train_content(self, server_round: int, partition_id: int) -> RecordDict:
         """The records of partition `partition_id`'s train message in `server_round` (the base class

@@ -41,8 +41,11 @@ Protocol (decisions the paper leaves open are marked *):
 - Server state after warm-up (experiments/benchmarks/cmd_server_state.py): about 31 bytes per
   weight: the global model (float32, 4), the online statistics (a, b float64, mode uint8, frozen
   flag: 18; the frozen flags are the one embedded mask), the schedule's float32 baseline (8) and
-  the event numbers (1). What a round derives from them (the free weights' indices, the events a
-  message carries) is kept for the round only and dropped when its aggregation ends.
+  the event numbers (1). A round builds no index over the weights: the ones sent densely are
+  walked in place (`fedcmd.aggregation.Free`, the compiled loops of `fedcmd.kernels`), and the
+  events a message carries are encoded once per client version and dropped once sent. Per-weight
+  passes: adding a reply, placing the means, the online update with the embedded weights rebuilt
+  in the same pass, the ranking on event rounds (experiments/benchmarks/server_round.py).
 """
 
 from __future__ import annotations
@@ -53,9 +56,9 @@ from typing import Any, NamedTuple
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
-from fedcmd import task
+from fedcmd import kernels, task
 from fedcmd.accountant import fedavg_floats
-from fedcmd.aggregation import ExactMean
+from fedcmd.aggregation import ExactMean, Free, tensor_bounds
 from fedcmd.checkpoint import CheckpointError, array_entry, by_round, entry, load_part
 from fedcmd.cmd import EmbeddingSchedule, OnlineCMD  # noqa: F401
 from fedcmd.protocols.cmd import REPLY_METRICS, EmbeddingEvent, encode_events, mode_dtype
@@ -80,11 +83,6 @@ def event_dtype(n_events: int) -> np.dtype:
         if n_events <= np.iinfo(dtype).max:
             return np.dtype(dtype)
     return np.dtype(np.uint64)
-
-
-# Rows per chunk of the server's rebuild of embedded weights: a few float32 and index arrays of this
-# length stay in cache.
-_REBUILD_ROWS = 1 << 15
 
 
 class CMD(FedcmdStrategy):
@@ -121,7 +119,7 @@ class CMD(FedcmdStrategy):
         self.sent: dict[tuple[int, int], int] = {}  # (round, partition) -> version sent
         self.references_held = False  # set once embedding has stopped at the cap
         self.paper_floats: dict[int, float] = {}
-        # What a round derives from the log (free_index, embedded_index, the events from a version):
+        # What a round derives from the log (the free positions, and free_index / embedded_index where asked):
         # built when first needed, dropped when the round's aggregation ends or the log changes.
         self._derived: dict[Any, Any] = {}
 
@@ -153,10 +151,38 @@ class CMD(FedcmdStrategy):
         return self._derived[key]
 
     @property
+    def free(self) -> slice | Free:
+        """The weights sent densely, in ascending order: all of them before the first event, then the
+        non-embedded, non-reference ones, as `Free` positions (walked by the compiled loops: no index
+        array is built for them in a round)."""
+        if not self.version:
+            return slice(None)
+        return self._derive("free", lambda: Free(self.online.frozen_mask, np.sort(self.reference_index)))
+
+    @property
+    def n_free(self) -> int:
+        """How many weights a message sends densely."""
+        free = self.free
+        if isinstance(free, slice):
+            return self.weights.size
+        # Counted per tensor, as the round's mean counts them (`Free` keeps the counts: one pass).
+        return int(free.counts(tensor_bounds(self._offsets(0, self.weights.size), self.weights.size)).sum())
+
+    def free_values(self, source: np.ndarray) -> np.ndarray:
+        """source at the free positions: a new float32 vector of n_free values (source itself before
+        the first event, when every weight is free)."""
+        free = self.free
+        if isinstance(free, slice):
+            return source
+        out = np.empty(self.n_free + 1, dtype=np.float32)  # one spare slot for the compiled walk
+        kernels.gather_free(out, source, free.frozen, free.refs)
+        return out[: self.n_free]
+
+    @property
     def free_index(self) -> np.ndarray:
-        """Ascending indices (int32 below 2^31 weights: 4 bytes each while a round holds them, next to
-        its accumulator): the weights sent densely (all of them before the first event; then the
-        non-embedded, non-reference ones). Derived, kept until the round's aggregation ends."""
+        """The free positions as ascending indices (int32 below 2^31 weights), for the paths that need
+        an index (lossy codecs, max-update-norm, tests): built when first asked for, kept until the
+        round's aggregation ends."""
         dtype = np.int32 if self.weights.size < 2**31 else np.int64
 
         def build() -> np.ndarray:
@@ -175,62 +201,35 @@ class CMD(FedcmdStrategy):
 
     def events_since(self, version: int) -> list[EmbeddingEvent]:
         """The log's events [version, self.version) as they travel: each event's weights (int64,
-        ascending) with their frozen coefficients as float32 and their modes. Derived, kept until
-        the round's aggregation ends."""
+        ascending) with their frozen coefficients as float32 and their modes. Built on each call
+        (a round builds each client version's records once, `shared`, and keeps only those)."""
+        if version >= self.version:
+            return []
+        index = kernels.members_after(self.event_of, version)
+        number = self.event_of[index] if self.version > version + 1 else None
+        events = []
+        for k in range(version + 1, self.version + 1):
+            weights = index if number is None else index[number == k]
+            a, b = np.empty(weights.size, np.float32), np.empty(weights.size, np.float32)
+            modes = np.empty(weights.size, mode_dtype(self.n_modes))
+            kernels.take_coefficients(weights, self.online.a, self.online.b, self.online.modes, a, b, modes)
+            events.append(EmbeddingEvent(weights, a, b, modes))
+        return events
 
-        def build() -> list[EmbeddingEvent]:
-            index = np.flatnonzero(self.event_of > version)
-            number = self.event_of[index]
-            events = []
-            for k in range(version + 1, self.version + 1):
-                weights = index if k == self.version == version + 1 else index[number == k]
-                events.append(
-                    EmbeddingEvent(
-                        weights,
-                        self.online.a[weights].astype(np.float32),
-                        self.online.b[weights].astype(np.float32),
-                        self.online.modes[weights].astype(mode_dtype(self.n_modes)),
-                    )
-                )
-            return events
-
-        return self._derive(("events", version), build) if version < self.version else []
-
-    def rebuild_embedded(self, theta: np.ndarray) -> None:
+    def rebuild_embedded(self, theta: np.ndarray, index: np.ndarray | None = None) -> None:
         """theta[i] = a_i * theta[ref(mode_i)] + b_i for every embedded weight i, in place, in float32
         with a_i, b_i as the events carried them (float32 of the frozen coefficients): bit for bit what
-        `fedcmd.protocols.cmd.rebuild_embedded` gives a client. In chunks: where a chunk is mostly
-        embedded, over the whole chunk (cast, multiply, add, then a masked copy), otherwise over its
-        embedded weights gathered; no index or coefficient array over all embedded weights is built."""
+        `fedcmd.protocols.cmd.rebuild_embedded` gives a client. One compiled pass over the embedded
+        mask (`fedcmd.kernels.rebuild`); no index or coefficient array over the embedded weights.
+        With `index`, only the embedded weights at index (an event's)."""
         if not self.version:
             return
-        references = theta[self.reference_index]  # references are never embedded: unchanged by the loop
-        a, b, modes, embedded = self.online.a, self.online.b, self.online.modes, self.online.frozen_mask
-        n = theta.size
-        rows = min(_REBUILD_ROWS, n)
-        value, offset, widened = np.empty(rows, np.float32), np.empty(rows, np.float32), np.empty(rows, np.intp)
-        for start in range(0, n, rows):
-            stop = min(start + rows, n)
-            where = embedded[start:stop]
-            count = int(np.count_nonzero(where))
-            if not count:
-                continue
-            if 3 * count < 2 * (stop - start):  # gathering them is faster below about 2/3 (measured)
-                index = start + np.flatnonzero(where)
-                v = a[index].astype(np.float32)
-                v *= references[modes[index]]
-                v += b[index].astype(np.float32)
-                theta[index] = v
-                continue
-            k = stop - start
-            v, o, m = value[:k], offset[:k], widened[:k]
-            with np.errstate(over="ignore", invalid="ignore"):  # free weights' values are computed, then dropped
-                np.copyto(v, a[start:stop], casting="same_kind")
-                np.copyto(o, b[start:stop], casting="same_kind")
-                np.copyto(m, modes[start:stop])
-                v *= references[m]
-                v += o
-            np.copyto(theta[start:stop], v, where=where)
+        references = theta[self.reference_index]  # references are never embedded: unchanged by the pass
+        o = self.online
+        if index is None:
+            kernels.rebuild(theta, o.a, o.b, o.modes, o.frozen_mask, references)
+        else:
+            kernels.rebuild_at(theta, index, o.a, o.b, o.modes, references)
 
     # ----- messages ----------------------------------------------------------------------------
     def train_content(self, server_round: int, partition_id: int) -> RecordDict:
@@ -243,7 +242,7 @@ class CMD(FedcmdStrategy):
             content["sync"] = head
         content["weights"] = self.shared(
             ("weights", broadcast is None),
-            lambda: self.dense_record("weights", self.weights[self.free_index], broadcast),
+            lambda: self.dense_record("weights", self.free_values(self.weights), broadcast),
         )
         if self.version:  # exact (see the module docstring)
             content["references"] = self.shared("references", lambda: vector_record(self.weights[self.reference_index]))
@@ -272,7 +271,7 @@ class CMD(FedcmdStrategy):
             raise ReplyError(
                 f"client holds coefficient store version {held}, expected {self.sent[(server_round, partition_id)]}"
             )
-        weights = self.read_values(content, "weights", self.free_index.size, lambda: self.weights[self.free_index])
+        weights = self.read_values(content, "weights", self.n_free, lambda: self.free_values(self.weights))
         if not self.version and "references" in content:
             raise ReplyError("'references' sent before any weight was embedded")
         references = read_vector(content, "references", self.reference_index.size, view=True) if self.version else None
@@ -305,25 +304,26 @@ class CMD(FedcmdStrategy):
             self._refresh_layout()  # what this round derived is not held between rounds
 
     def accumulators(self, server_round: int, max_examples: int) -> dict[str, ExactMean]:
-        means = {"weights": self.mean_over(self.free_index, max_examples)}
+        means = {"weights": self.mean_over(self.free, max_examples)}
         if self.version and not self.references_held:
             means["references"] = self.mean_over(self.reference_index, max_examples, each=True)
         return {**means, **self.buffer_mean(max_examples)}
 
     def aggregate(self, server_round: int, means: dict[str, ExactMean]) -> None:
         before = self.weights if self.codec_down.lossless else self.weights.copy()  # publish's reference
-        means.pop("weights").mean_into(self.weights, self.free_index)
+        means.pop("weights").mean_into(self.weights, self.free)
         if "references" in means:
             means.pop("references").mean_into(self.weights, self.reference_index)
-            self.rebuild_embedded(self.weights)
         if "buffers" in means:
             means.pop("buffers").mean_into(self.buffers)
         self._advance_cmd(server_round)
         # The broadcast covers the weights the next messages send densely (after this round's event).
-        self.publish(server_round, before, {"weights": self.free_index})
+        if not self.codec_down.lossless:
+            self.publish(server_round, before, {"weights": self.free_index})
 
     def _advance_cmd(self, server_round: int) -> None:
-        self.online.observe(self.weights)
+        # The embedded weights follow the new references: rebuilt in the online update's pass.
+        self.online.observe(self.weights, rebuild=self.version > 0)
         if not self.online.ready:
             return
         if not self.reference_index.size:
@@ -343,7 +343,7 @@ class CMD(FedcmdStrategy):
             self.event_of = self.event_of.astype(event_dtype(self.version))
         self.event_of[new] = self.version
         self._refresh_layout()
-        self.rebuild_embedded(self.weights)
+        self.rebuild_embedded(self.weights, new)
 
     def _count_paper_floats(self, server_round: int) -> None:
         cohort = len(self.cohort(server_round))

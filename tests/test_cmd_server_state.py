@@ -104,12 +104,9 @@ def test_the_compact_log_gives_the_events_and_the_rebuilt_weights(driven):
 
 
 @pytest.mark.parametrize("fraction", [0.1, 0.5, 0.95])
-def test_the_chunked_rebuild_is_the_clients_rebuild_bit_for_bit(fraction, monkeypatch):
+def test_the_compiled_rebuild_is_the_clients_rebuild_bit_for_bit(fraction):
     import types
 
-    import strategies.cmd
-
-    monkeypatch.setattr(strategies.cmd, "_REBUILD_ROWS", 1000)  # many chunks, sparse and dense ones
     rng = np.random.default_rng(2)
     n, references = 50_000, np.array([3, 17_000, 49_999])
     density = np.repeat(rng.uniform(0.0, 2 * fraction, 50), 1000).clip(0, 1)  # chunks of varied density

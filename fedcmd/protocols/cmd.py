@@ -13,9 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from fedcmd.algorithms import Algorithm, Key, fraction, one_of, positive
+from fedcmd.wire import numpy_array
 
 ALGORITHMS = (
     Algorithm(
@@ -71,31 +72,34 @@ def encode_events(
     content["cmd"] = ConfigRecord({"from-version": from_version, "to-version": to_version, "n-modes": n_modes})
     if not events:
         return content
+    from fedcmd import kernels  # the server's side only: clients decode without numba
+
     content["coefficients"] = ArrayRecord(
         {
-            "a": Array(np.concatenate([e.a for e in events])),
-            "b": Array(np.concatenate([e.b for e in events])),
-            "mode": Array(np.concatenate([e.mode for e in events]).astype(mode_dtype(n_modes))),
+            "a": numpy_array(np.concatenate([e.a for e in events])),
+            "b": numpy_array(np.concatenate([e.b for e in events])),
+            "mode": numpy_array(np.concatenate([e.mode for e in events]).astype(mode_dtype(n_modes))),
         }
     )
     counts = np.array([e.index.size for e in events], dtype=np.int64)
     mask_bytes = len(events) * ((n_params + 7) // 8)
     if mask_bytes <= 4 * int(counts.sum()):
-        masks = np.zeros((len(events), n_params), dtype=bool)
+        # The bytes np.packbits(masks, axis=1) gives for the events' boolean masks, set bit by bit.
+        packed = np.zeros((len(events), (n_params + 7) // 8), dtype=np.uint8)
         for row, event in enumerate(events):
-            masks[row, event.index] = True
-        content["masks"] = ArrayRecord({"values": Array(np.packbits(masks, axis=1))})
+            kernels.pack_positions(np.asarray(event.index, dtype=np.int64), packed[row])
+        content["masks"] = ArrayRecord({"values": numpy_array(packed)})
     else:
         content["indices"] = ArrayRecord(
             {
-                "values": Array(np.concatenate([e.index for e in events]).astype(np.int32)),
-                "counts": Array(counts.astype(np.int32)),
+                "values": numpy_array(np.concatenate([e.index for e in events]).astype(np.int32)),
+                "counts": numpy_array(counts.astype(np.int32)),
             }
         )
     if from_version == 0:  # a client's first events: it learns the reference weights too
         if "indices" not in content:
             content["indices"] = ArrayRecord()
-        content["indices"]["reference-index"] = Array(reference_index.astype(np.int64))
+        content["indices"]["reference-index"] = numpy_array(reference_index.astype(np.int64))
     return content
 
 

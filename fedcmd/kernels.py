@@ -1,0 +1,270 @@
+"""Compiled loops (numba) for the server's per-weight passes at ResNet-18 scale (issue 15).
+
+Each of these was a chain of numpy passes over chunks of the model: check, cast, scale, round,
+add; or gather, multiply, add, masked copy. One compiled loop does the same arithmetic in one pass,
+with no scratch arrays, so a round's time is close to reading the replies once and its memory is
+the accumulator and the reply. The arithmetic is the numpy code's, operation for operation, in the
+same precision (numba does not contract a * b + c into a fused multiply-add unless asked, and
+nothing here asks), so the results are the same bits; tests/test_kernels.py checks each loop
+against the numpy expression it replaced.
+
+"Free" positions (CMD): the weights neither embedded (`frozen[i]`) nor references (`refs`,
+ascending int64): the ones a CMD message sends densely, walked in ascending order without an index
+array over them.
+
+Compiled once per machine and cached on disk (`cache=True`, beside this file or in numba's user
+cache); the first call in a fresh checkout compiles (about a second per loop).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+
+@njit(cache=True, nogil=True)
+def add_rounded(total, values, bounds, factors, limits):  # pragma: no cover (compiled)
+    """total[i] += rint(values[i] * factors[s]) for i in segment s = [bounds[s], bounds[s + 1]),
+    after checking -limits[s] <= values[i] <= limits[s] (False for NaN). Returns -1, or the index
+    of the first value refused; the values before it have been added (the caller takes them out)."""
+    for s in range(bounds.size - 1):
+        factor, limit = factors[s], limits[s]
+        for i in range(bounds[s], bounds[s + 1]):
+            x = values[i]
+            if not (-limit <= x and x <= limit):
+                return i
+            total[i] += np.rint(np.float64(x) * factor)
+    return -1
+
+
+@njit(cache=True, nogil=True)
+def take_out_rounded(total, values, bounds, factors, stop):  # pragma: no cover (compiled)
+    """Undo `add_rounded` for values[:stop]: total[i] += rint(values[i] * -factors[s]), exactly the
+    negated terms (rint rounds half to even, which is symmetric)."""
+    for s in range(bounds.size - 1):
+        factor = -factors[s]
+        for i in range(bounds[s], min(bounds[s + 1], stop)):
+            total[i] += np.rint(np.float64(values[i]) * factor)
+
+
+@njit(cache=True, nogil=True)
+def first_refused(values, bounds, limits):  # pragma: no cover (compiled)
+    """The index of the first value outside [-limits[s], limits[s]] (or NaN) in its segment, or -1."""
+    for s in range(bounds.size - 1):
+        limit = limits[s]
+        for i in range(bounds[s], bounds[s + 1]):
+            x = values[i]
+            if not (-limit <= x and x <= limit):
+                return i
+    return -1
+
+
+@njit(cache=True, nogil=True)
+def mean_contiguous(out, first, total, bounds, grids, examples):  # pragma: no cover (compiled)
+    """out[first + i] = float32(total[i] * grids[s] / examples) (numpy's rounding of the same float64
+    expression: multiply, divide, cast)."""
+    for s in range(bounds.size - 1):
+        q = grids[s]
+        for i in range(bounds[s], bounds[s + 1]):
+            out[first + i] = np.float32(total[i] * q / examples)
+
+
+@njit(cache=True, nogil=True)
+def mean_indexed(out, index, total, bounds, grids, examples):  # pragma: no cover (compiled)
+    """out[index[i]] = float32(total[i] * grids[s] / examples)."""
+    for s in range(bounds.size - 1):
+        q = grids[s]
+        for i in range(bounds[s], bounds[s + 1]):
+            out[index[i]] = np.float32(total[i] * q / examples)
+
+
+# The loops over free positions walk the ranges between references (refs is short: one per mode)
+# without a branch per weight: a branch on a scattered mask is mispredicted about half the time,
+# which made these loops 5x slower. A value is written at the next free place whether or not the
+# weight is free, and the place advances only for a free one, so the output needs one spare slot
+# past its end (`out.size >= free + 1`); references must not be frozen.
+
+
+@njit(cache=True, nogil=True)
+def scatter_free(out, values, frozen, refs):  # pragma: no cover (compiled)
+    """out at the free positions, ascending, = values (one per free position); the rest untouched."""
+    j, start = 0, 0
+    last = values.size - 1
+    for r in range(refs.size + 1):
+        stop = refs[r] if r < refs.size else out.size
+        for i in range(start, stop):
+            value = values[min(j, last)]
+            free = not frozen[i]
+            out[i] = value if free else out[i]
+            j += free
+        start = stop + 1
+
+
+@njit(cache=True, nogil=True)
+def gather_free(out, source, frozen, refs):  # pragma: no cover (compiled)
+    """out[:] = source at the free positions, ascending (out: one spare slot); returns how many."""
+    j, start = 0, 0
+    for r in range(refs.size + 1):
+        stop = refs[r] if r < refs.size else source.size
+        for i in range(start, stop):
+            out[j] = source[i]
+            j += not frozen[i]
+        start = stop + 1
+    return j
+
+
+@njit(cache=True, nogil=True)
+def count_free(frozen, refs, bounds):  # pragma: no cover (compiled)
+    """counts[t] = free positions in [bounds[t], bounds[t + 1])."""
+    counts = np.zeros(bounds.size - 1, dtype=np.int64)
+    r = 0
+    for t in range(bounds.size - 1):
+        held = 0
+        for i in range(bounds[t], bounds[t + 1]):
+            held += not frozen[i]
+        while r < refs.size and refs[r] < bounds[t + 1]:
+            held -= refs[r] >= bounds[t]  # a reference is never frozen: it was counted
+            r += 1
+        counts[t] = held
+    return counts
+
+
+@njit(cache=True, nogil=True)
+def online_update(a, b, theta, modes, frozen, old_mean, keep, gain, new_mean, inv_n, references):  # pragma: no cover
+    """OnlineCMD's recursive least-squares step for every weight not frozen (fedcmd.cmd); computed
+    for every weight and kept for the free ones (no branch per weight). With `references` (float32,
+    one per mode; empty: no rebuild), each frozen weight of theta is rebuilt in the same pass:
+    theta[i] = float32(a_i) * references[mode_i] + float32(b_i) (`rebuild`)."""
+    rebuild_frozen = references.size > 0
+    for i in range(a.size):
+        m = modes[i]
+        free = not frozen[i]
+        if rebuild_frozen:
+            value = np.float32(a[i]) * references[m] + np.float32(b[i])
+            theta[i] = theta[i] if free else value
+        c = a[i] * old_mean[m] + b[i]
+        e = np.float64(theta[i]) - c
+        c = c + e * inv_n
+        new_a = a[i] * keep[m] + e * gain[m]
+        new_b = c - new_a * new_mean[m]
+        a[i] = new_a if free else a[i]
+        b[i] = new_b if free else b[i]
+
+
+@njit(cache=True, nogil=True)
+def rebuild(theta, a, b, modes, frozen, references):  # pragma: no cover (compiled)
+    """theta[i] = float32(a_i) * references[mode_i] + float32(b_i), in float32, for frozen i."""
+    for i in range(theta.size):
+        value = np.float32(a[i]) * references[modes[i]] + np.float32(b[i])
+        theta[i] = value if frozen[i] else theta[i]
+
+
+@njit(cache=True, nogil=True)
+def rebuild_at(theta, index, a, b, modes, references):  # pragma: no cover (compiled)
+    """`rebuild` for the weights at `index` only."""
+    for i in index:
+        theta[i] = np.float32(a[i]) * references[modes[i]] + np.float32(b[i])
+
+
+@njit(cache=True, nogil=True)
+def coefficient_change(out, a, b, a_old, b_old, frozen, refs):  # pragma: no cover (compiled)
+    """out[:] = (a_i - a_old_i)^2 + (b_i - b_old_i)^2 (float64, the baseline widened) over the free
+    positions, ascending (out: one spare slot); returns how many. The square of the change c_i:
+    it orders the weights as c_i does, without a square root (or hypot, 10x slower) per weight."""
+    j, start = 0, 0
+    for r in range(refs.size + 1):
+        stop = refs[r] if r < refs.size else a.size
+        for i in range(start, stop):
+            x, y = a[i] - np.float64(a_old[i]), b[i] - np.float64(b_old[i])
+            out[j] = x * x + y * y
+            j += not frozen[i]
+        start = stop + 1
+    return j
+
+
+@njit(cache=True, nogil=True)
+def kth_smallest(values, k):  # pragma: no cover (compiled)
+    """(t, ties): t, the k-th smallest (1-based) of `values` (float64, all >= 0, so their bit patterns
+    order as uint64), found by four 16-bit radix passes without reordering or copying them; ties,
+    how many of the values equal to t are among the k smallest."""
+    bits = values.view(np.uint64)
+    prefix, mask, remaining = np.uint64(0), np.uint64(0), k
+    hist = np.zeros(1 << 16, dtype=np.int64)
+    for shift in (48, 32, 16, 0):
+        hist[:] = 0
+        sh = np.uint64(shift)
+        for x in bits:
+            if (x & mask) == prefix:
+                hist[(x >> sh) & np.uint64(0xFFFF)] += 1
+        digit, below = 0, 0
+        while below + hist[digit] < remaining:
+            below += hist[digit]
+            digit += 1
+        remaining -= below
+        prefix |= np.uint64(digit) << sh
+        mask |= np.uint64(0xFFFF) << sh
+    return np.array([prefix]).view(np.float64)[0], remaining
+
+
+@njit(cache=True, nogil=True)
+def select_free(chosen, change, threshold, ties, frozen, refs):  # pragma: no cover (compiled)
+    """chosen[:] = the free positions (ascending) whose change (compact, as `coefficient_change`
+    wrote it) is below `threshold`, and the first `ties` of those equal to it (chosen: one spare
+    slot); returns how many."""
+    j, w, start = 0, 0, 0
+    last = change.size - 1
+    for r in range(refs.size + 1):
+        stop = refs[r] if r < refs.size else frozen.size
+        for i in range(start, stop):
+            c = change[min(j, last)]
+            free = not frozen[i]
+            tie = free and c == threshold and ties > 0
+            take = free and (c < threshold or tie)
+            chosen[w] = i
+            w += take
+            ties -= tie
+            j += free
+        start = stop + 1
+    return w
+
+
+@njit(cache=True, nogil=True)
+def members_after(event_of, version):  # pragma: no cover (compiled)
+    """The positions (int64, ascending) with event_of[i] > version: the weights of the events after
+    a store version."""
+    count = 0
+    for e in event_of:
+        count += e > version
+    out = np.empty(count + 1, dtype=np.int64)  # one spare slot for the branch-free walk
+    j = 0
+    for i in range(event_of.size):
+        out[j] = i
+        j += event_of[i] > version
+    return out[:count]
+
+
+@njit(cache=True, nogil=True)
+def take_coefficients(index, a, b, modes, a_out, b_out, modes_out):  # pragma: no cover (compiled)
+    """a_out, b_out = float32 of a, b at index (an event's weights, ascending); modes_out = modes there."""
+    for j in range(index.size):
+        i = index[j]
+        a_out[j] = np.float32(a[i])
+        b_out[j] = np.float32(b[i])
+        modes_out[j] = modes[i]
+
+
+@njit(cache=True, nogil=True)
+def pack_positions(index, packed):  # pragma: no cover (compiled)
+    """Set the bits of `index` in `packed` (zeros, as numpy.packbits lays a boolean row out: bit 7 of
+    byte 0 is position 0)."""
+    for i in index:
+        packed[i >> 3] |= np.uint8(128) >> np.uint8(i & 7)
+
+
+@njit(cache=True, nogil=True)
+def finite(values):  # pragma: no cover (compiled)
+    """Whether every value is finite."""
+    for x in values:
+        if not np.isfinite(x):
+            return False
+    return True
