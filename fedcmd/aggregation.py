@@ -75,6 +75,13 @@ class Free:
             return int(counts.sum())
         return int(self.counts(np.array([0, self.frozen.size]))[0])
 
+    def parts(self, length: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:
+        """(bounds, offsets): the model cut every `length` weights, and where each part's free
+        positions start among all of them: the compiled walks split into parts on numba's threads."""
+        n = self.frozen.size
+        bounds = np.append(np.arange(0, n, length, dtype=np.int64), n) if n else np.zeros(1, np.int64)
+        return bounds, np.concatenate([[0], np.cumsum(self.counts(bounds))]).astype(np.int64)
+
 
 Positions = slice | np.ndarray | Free
 
@@ -258,7 +265,7 @@ class ExactMean:
             # held, no more than the reply a round holds beside it), then placed in one walk.
             means = np.empty(self.size, dtype=np.float32)
             kernels.mean_contiguous(means, 0, self.total, self.bounds, self.grids, float(self.examples))
-            kernels.scatter_free(out, means, index.frozen, index.refs)
+            kernels.scatter_free(out, means, index.frozen, index.refs, *index.parts())
         else:
             index = np.asarray(index, dtype=np.int64)
             if index.shape != (self.size,):

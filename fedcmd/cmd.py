@@ -596,8 +596,8 @@ class OnlineCMD:
         self._ref_m2 = np.einsum("ij,ij->i", ref_centred, ref_centred)
         self._modes = model.modes  # already the smallest unsigned type (compact_modes)
         self._reference_index, self._a, self._b = model.reference_index, model.a, model.b
+        self._buffer = None  # freed before anything more is allocated: the fit's peak is the snapshots and (a, b)
         self._frozen = np.zeros(self.n_params, dtype=bool)
-        self._buffer = None
 
     def _update(self, theta: np.ndarray, rebuild: bool = False) -> None:
         # Welford step per mode; for weight i with old mean c_i = b_i + a_i mean_r and residual
@@ -613,7 +613,7 @@ class OnlineCMD:
         # One compiled pass over the weights that are not frozen (`fedcmd.kernels.online_update`: the
         # arithmetic above, in float64); frozen (embedded) weights keep their coefficients untouched.
         references = theta[self._reference_index] if rebuild else np.zeros(0, np.float32)
-        kernels.online_update(
+        finite = kernels.online_update(
             self._a,
             self._b,
             theta,
@@ -626,7 +626,7 @@ class OnlineCMD:
             1.0 / n_new,
             references,
         )
-        if rebuild and not kernels.finite(theta):
+        if not finite:
             raise _non_finite_error("theta (its embedded weights rebuilt)", theta)
         self._a[self._reference_index] = 1.0
         self._b[self._reference_index] = 0.0

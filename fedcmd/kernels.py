@@ -12,6 +12,11 @@ against the numpy expression it replaced.
 ascending int64): the ones a CMD message sends densely, walked in ascending order without an index
 array over them.
 
+Some loops run on numba's threads (`parallel=True`: the online update, the mean, gathering and
+placing the free weights by tensor, taking an event's coefficients), where each value's
+arithmetic is its own, so the split cannot change a bit; numba uses as many threads as
+cores, NUMBA_NUM_THREADS sets fewer); the others are serial walks or reductions.
+
 Compiled once per machine and cached on disk (`cache=True`, beside this file or in numba's user
 cache); the first call in a fresh checkout compiles (about a second per loop).
 """
@@ -19,7 +24,7 @@ cache); the first call in a fresh checkout compiles (about a second per loop).
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 
 @njit(cache=True, nogil=True)
@@ -59,13 +64,13 @@ def first_refused(values, bounds, limits):  # pragma: no cover (compiled)
     return -1
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, parallel=True)
 def mean_contiguous(out, first, total, bounds, grids, examples):  # pragma: no cover (compiled)
     """out[first + i] = float32(total[i] * grids[s] / examples) (numpy's rounding of the same float64
-    expression: multiply, divide, cast)."""
+    expression: multiply, divide, cast); each value on its own, on numba's threads."""
     for s in range(bounds.size - 1):
         q = grids[s]
-        for i in range(bounds[s], bounds[s + 1]):
+        for i in prange(bounds[s], bounds[s + 1]):
             out[first + i] = np.float32(total[i] * q / examples)
 
 
@@ -85,32 +90,45 @@ def mean_indexed(out, index, total, bounds, grids, examples):  # pragma: no cove
 # past its end (`out.size >= free + 1`); references must not be frozen.
 
 
-@njit(cache=True, nogil=True)
-def scatter_free(out, values, frozen, refs):  # pragma: no cover (compiled)
-    """out at the free positions, ascending, = values (one per free position); the rest untouched."""
-    j, start = 0, 0
+@njit(cache=True, nogil=True, parallel=True)
+def scatter_free(out, values, frozen, refs, bounds, offsets):  # pragma: no cover (compiled)
+    """out at the free positions, ascending, = values (one per free position); the rest untouched.
+    In parts on numba's threads: part t covers out[bounds[t]:bounds[t + 1]], whose free positions
+    take values[offsets[t]:offsets[t + 1]] (offsets: the cumulative counts of free positions)."""
     last = values.size - 1
-    for r in range(refs.size + 1):
-        stop = refs[r] if r < refs.size else out.size
-        for i in range(start, stop):
-            value = values[min(j, last)]
-            free = not frozen[i]
-            out[i] = value if free else out[i]
-            j += free
-        start = stop + 1
+    for t in prange(bounds.size - 1):
+        j = offsets[t]
+        start = bounds[t]
+        r = np.searchsorted(refs, start)
+        while start < bounds[t + 1]:
+            stop = min(refs[r], bounds[t + 1]) if r < refs.size else bounds[t + 1]
+            for i in range(start, stop):
+                value = values[min(j, last)]
+                free = not frozen[i]
+                out[i] = value if free else out[i]
+                j += free
+            start = stop + 1
+            r += 1
 
 
-@njit(cache=True, nogil=True)
-def gather_free(out, source, frozen, refs):  # pragma: no cover (compiled)
-    """out[:] = source at the free positions, ascending (out: one spare slot); returns how many."""
-    j, start = 0, 0
-    for r in range(refs.size + 1):
-        stop = refs[r] if r < refs.size else source.size
-        for i in range(start, stop):
-            out[j] = source[i]
-            j += not frozen[i]
-        start = stop + 1
-    return j
+@njit(cache=True, nogil=True, parallel=True)
+def gather_free(out, source, frozen, refs, bounds, offsets):  # pragma: no cover (compiled)
+    """out[:] = source at the free positions, ascending (out: one spare slot). In parts on numba's
+    threads, as `scatter_free`; a part stops writing once its own places are filled (the next
+    place is the next part's)."""
+    for t in prange(bounds.size - 1):
+        j, end = offsets[t], offsets[t + 1]
+        start = bounds[t]
+        r = np.searchsorted(refs, start)
+        while start < bounds[t + 1] and j < end:
+            stop = min(refs[r], bounds[t + 1]) if r < refs.size else bounds[t + 1]
+            for i in range(start, stop):
+                if j == end:
+                    break
+                out[j] = source[i]
+                j += not frozen[i]
+            start = stop + 1
+            r += 1
 
 
 @njit(cache=True, nogil=True)
@@ -129,26 +147,34 @@ def count_free(frozen, refs, bounds):  # pragma: no cover (compiled)
     return counts
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, parallel=True)
 def online_update(a, b, theta, modes, frozen, old_mean, keep, gain, new_mean, inv_n, references):  # pragma: no cover
     """OnlineCMD's recursive least-squares step for every weight not frozen (fedcmd.cmd); computed
     for every weight and kept for the free ones (no branch per weight). With `references` (float32,
     one per mode; empty: no rebuild), each frozen weight of theta is rebuilt in the same pass:
-    theta[i] = float32(a_i) * references[mode_i] + float32(b_i) (`rebuild`)."""
+    theta[i] = float32(a_i) * references[mode_i] + float32(b_i) (`rebuild`). Returns whether
+    every value of theta (after the rebuild) is finite. On numba's threads (`prange`): each
+    weight's arithmetic is its own, so the result does not depend on how they are split."""
     rebuild_frozen = references.size > 0
-    for i in range(a.size):
+    bad = 0
+    for i in prange(a.size):
         m = modes[i]
         free = not frozen[i]
+        ai, bi = a[i], b[i]
+        t = theta[i]
         if rebuild_frozen:
-            value = np.float32(a[i]) * references[m] + np.float32(b[i])
-            theta[i] = theta[i] if free else value
-        c = a[i] * old_mean[m] + b[i]
-        e = np.float64(theta[i]) - c
+            value = np.float32(ai) * references[m] + np.float32(bi)
+            t = t if free else value
+            theta[i] = t
+        bad += not np.isfinite(t)
+        c = ai * old_mean[m] + bi
+        e = np.float64(t) - c
         c = c + e * inv_n
-        new_a = a[i] * keep[m] + e * gain[m]
+        new_a = ai * keep[m] + e * gain[m]
         new_b = c - new_a * new_mean[m]
-        a[i] = new_a if free else a[i]
-        b[i] = new_b if free else b[i]
+        a[i] = new_a if free else ai
+        b[i] = new_b if free else bi
+    return bad == 0
 
 
 @njit(cache=True, nogil=True)
@@ -229,12 +255,9 @@ def select_free(chosen, change, threshold, ties, frozen, refs):  # pragma: no co
 
 
 @njit(cache=True, nogil=True)
-def members_after(event_of, version):  # pragma: no cover (compiled)
-    """The positions (int64, ascending) with event_of[i] > version: the weights of the events after
-    a store version."""
-    count = 0
-    for e in event_of:
-        count += e > version
+def members_after(event_of, version, count):  # pragma: no cover (compiled)
+    """The positions (int64, ascending) with event_of[i] > version (`count` of them: the sizes of
+    the events after that store version): the weights of those events."""
     out = np.empty(count + 1, dtype=np.int64)  # one spare slot for the branch-free walk
     j = 0
     for i in range(event_of.size):
@@ -243,10 +266,10 @@ def members_after(event_of, version):  # pragma: no cover (compiled)
     return out[:count]
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, parallel=True)
 def take_coefficients(index, a, b, modes, a_out, b_out, modes_out):  # pragma: no cover (compiled)
     """a_out, b_out = float32 of a, b at index (an event's weights, ascending); modes_out = modes there."""
-    for j in range(index.size):
+    for j in prange(index.size):
         i = index[j]
         a_out[j] = np.float32(a[i])
         b_out[j] = np.float32(b[i])

@@ -175,7 +175,7 @@ class CMD(FedcmdStrategy):
         if isinstance(free, slice):
             return source
         out = np.empty(self.n_free + 1, dtype=np.float32)  # one spare slot for the compiled walk
-        kernels.gather_free(out, source, free.frozen, free.refs)
+        kernels.gather_free(out, source, free.frozen, free.refs, *free.parts())
         return out[: self.n_free]
 
     @property
@@ -205,7 +205,7 @@ class CMD(FedcmdStrategy):
         (a round builds each client version's records once, `shared`, and keeps only those)."""
         if version >= self.version:
             return []
-        index = kernels.members_after(self.event_of, version)
+        index = kernels.members_after(self.event_of, version, sum(self.event_sizes[version:]))
         number = self.event_of[index] if self.version > version + 1 else None
         events = []
         for k in range(version + 1, self.version + 1):

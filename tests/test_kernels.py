@@ -27,9 +27,10 @@ def test_free_walks_match_an_index(share):
     np.testing.assert_array_equal(Free(frozen, refs).counts(bounds), np.diff(np.searchsorted(free, bounds)))
     assert Free(frozen, refs).size == free.size
     source = np.random.default_rng(2).standard_normal(n).astype(np.float32)
-    out = np.full(free.size + 1, np.nan, np.float32)
-    assert kernels.gather_free(out, source, frozen, refs) == free.size
-    np.testing.assert_array_equal(out[: free.size], source[free])
+    for length in (1 << 20, 700, 1):  # one part, several, one weight each (every edge a part's)
+        out = np.full(free.size + 1, np.nan, np.float32)
+        kernels.gather_free(out, source, frozen, refs, *Free(frozen, refs).parts(length))
+        np.testing.assert_array_equal(out[: free.size], source[free])
 
 
 def test_mean_kernels_round_like_numpy():
@@ -45,11 +46,12 @@ def test_mean_kernels_round_like_numpy():
         t /= 7
         expected[lo:hi] = t
     theta = rng.standard_normal(n).astype(np.float32)
-    out = theta.copy()
-    kernels.scatter_free(out, expected, frozen, refs)
     want = theta.copy()
     want[free] = expected
-    np.testing.assert_array_equal(out, want)  # frozen weights and references untouched
+    for length in (1 << 20, 333, 1):
+        out = theta.copy()
+        kernels.scatter_free(out, expected, frozen, refs, *Free(frozen, refs).parts(length))
+        np.testing.assert_array_equal(out, want)  # frozen weights and references untouched
     flat = np.zeros(free.size + 3, np.float32)
     kernels.mean_contiguous(flat, 3, total, bounds, grids, 7.0)
     np.testing.assert_array_equal(flat[3:], expected)
@@ -155,3 +157,23 @@ def test_exact_mean_over_free_positions_is_the_mean_over_their_index():
     by_walk.mean_into(two, Free(frozen, refs))
     np.testing.assert_array_equal(one, two)
     np.testing.assert_array_equal(two[~np.isin(np.arange(n), free)], model[~np.isin(np.arange(n), free)])
+
+
+def test_event_records_kernels():
+    rng = np.random.default_rng(11)
+    n = 3_001
+    event_of = rng.integers(0, 4, n).astype(np.uint8)
+    for version in (0, 2, 3):
+        members = np.flatnonzero(event_of > version)
+        np.testing.assert_array_equal(kernels.members_after(event_of, version, members.size), members)
+    a, b = rng.standard_normal(n), rng.standard_normal(n)
+    modes = rng.integers(0, 7, n).astype(np.uint8)
+    index = np.flatnonzero(event_of == 2)
+    a32, b32, m = np.empty(index.size, np.float32), np.empty(index.size, np.float32), np.empty(index.size, np.uint8)
+    kernels.take_coefficients(index, a, b, modes, a32, b32, m)
+    np.testing.assert_array_equal(a32, a[index].astype(np.float32))
+    np.testing.assert_array_equal(b32, b[index].astype(np.float32))
+    np.testing.assert_array_equal(m, modes[index])
+    packed = np.zeros((n + 7) // 8, np.uint8)
+    kernels.pack_positions(index, packed)
+    np.testing.assert_array_equal(packed, np.packbits(event_of == 2))
