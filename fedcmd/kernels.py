@@ -23,8 +23,26 @@ cache); the first call in a fresh checkout compiles (about a second per loop).
 
 from __future__ import annotations
 
+import functools
+import threading
+
 import numpy as np
 from numba import njit, prange
+
+# numba's default thread pool (workqueue) must not be entered by two Python threads at once (it
+# aborts the process): the threaded loops are called through this lock. A fedcmd server calls them
+# from one thread; two servers in one process (tests, notebooks) take turns.
+_POOL = threading.Lock()
+
+
+def _one_at_a_time(kernel):
+    @functools.wraps(kernel)
+    def call(*args):
+        with _POOL:
+            return kernel(*args)
+
+    call.compiled = kernel
+    return call
 
 
 @njit(cache=True, nogil=True)
@@ -291,3 +309,7 @@ def finite(values):  # pragma: no cover (compiled)
         if not np.isfinite(x):
             return False
     return True
+
+
+for _name in ("online_update", "mean_contiguous", "scatter_free", "gather_free", "take_coefficients"):
+    globals()[_name] = _one_at_a_time(globals()[_name])
