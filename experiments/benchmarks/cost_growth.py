@@ -111,7 +111,8 @@ def replies_for(strategy: CMD, messages: list[Message], theta: np.ndarray, noise
         content = RecordDict({"weights": vector_record(free + offset * noise_free)})
         if version:
             content["references"] = vector_record(refs + offset * noise_refs)
-        content["metrics"] = MetricRecord({"num-examples": 100.0, "train-loss": 0.5, "store-version": version})
+        examples = float(strategy.examples_of(strategy.partition_of[msg.metadata.dst_node_id]))
+        content["metrics"] = MetricRecord({"num-examples": examples, "train-loss": 0.5, "store-version": version})
         msg.metadata.__dict__["_message_id"] = str(uuid4())  # as a grid would: a reply names the message it answers
         replies.append(Message(content, reply_to=msg))
     return replies
