@@ -547,7 +547,7 @@ class OnlineCMD:
         theta = _as_real_array(theta, "theta")
         if theta.shape != (self.n_params,):
             raise ValueError(f"theta must have shape ({self.n_params},), got {theta.shape}")
-        if not (kernels.finite(theta) if theta.ndim == 1 and theta.dtype.kind == "f" else np.isfinite(theta).all()):
+        if theta.dtype.kind == "f" and not kernels.finite(theta):  # integers are always finite
             raise _non_finite_error("theta", theta)
         return theta
 
@@ -829,8 +829,7 @@ class EmbeddingSchedule:
         if 0 < count < n_candidates:
             chosen = self._most_stable(online, frozen, refs, n_candidates, count)
         else:
-            chosen = np.flatnonzero(~frozen)
-            chosen = chosen[~np.isin(chosen, refs)]
+            chosen = np.setdiff1d(np.flatnonzero(~frozen), refs, assume_unique=True)
         online.freeze(chosen)
         np.copyto(self._a_old, online.a, casting="same_kind")
         np.copyto(self._b_old, online.b, casting="same_kind")

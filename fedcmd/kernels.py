@@ -82,6 +82,7 @@ def first_refused(values, bounds, limits):  # pragma: no cover (compiled)
     return -1
 
 
+@_one_at_a_time
 @njit(cache=True, nogil=True, parallel=True)
 def mean_contiguous(out, first, total, bounds, grids, examples):  # pragma: no cover (compiled)
     """out[first + i] = float32(total[i] * grids[s] / examples) (numpy's rounding of the same float64
@@ -108,6 +109,7 @@ def mean_indexed(out, index, total, bounds, grids, examples):  # pragma: no cove
 # past its end (`out.size >= free + 1`); references must not be frozen.
 
 
+@_one_at_a_time
 @njit(cache=True, nogil=True, parallel=True)
 def scatter_free(out, values, frozen, refs, bounds, offsets):  # pragma: no cover (compiled)
     """out at the free positions, ascending, = values (one per free position); the rest untouched.
@@ -129,6 +131,7 @@ def scatter_free(out, values, frozen, refs, bounds, offsets):  # pragma: no cove
             r += 1
 
 
+@_one_at_a_time
 @njit(cache=True, nogil=True, parallel=True)
 def gather_free(out, source, frozen, refs, bounds, offsets):  # pragma: no cover (compiled)
     """out[:] = source at the free positions, ascending (out: one spare slot). In parts on numba's
@@ -165,6 +168,7 @@ def count_free(frozen, refs, bounds):  # pragma: no cover (compiled)
     return counts
 
 
+@_one_at_a_time
 @njit(cache=True, nogil=True, parallel=True)
 def online_update(a, b, theta, modes, frozen, old_mean, keep, gain, new_mean, inv_n, references):  # pragma: no cover
     """OnlineCMD's recursive least-squares step for every weight not frozen (fedcmd.cmd); computed
@@ -284,6 +288,7 @@ def members_after(event_of, version, count):  # pragma: no cover (compiled)
     return out[:count]
 
 
+@_one_at_a_time
 @njit(cache=True, nogil=True, parallel=True)
 def take_coefficients(index, a, b, modes, a_out, b_out, modes_out):  # pragma: no cover (compiled)
     """a_out, b_out = float32 of a, b at index (an event's weights, ascending); modes_out = modes there."""
@@ -309,7 +314,3 @@ def finite(values):  # pragma: no cover (compiled)
         if not np.isfinite(x):
             return False
     return True
-
-
-for _name in ("online_update", "mean_contiguous", "scatter_free", "gather_free", "take_coefficients"):
-    globals()[_name] = _one_at_a_time(globals()[_name])
