@@ -299,9 +299,20 @@ def _chunk_rows(bytes_per_row: int, chunk_size: int | None) -> int:
 
 
 def _assign_and_fit(
-    trajectories: np.ndarray, references: np.ndarray, chunk_size: int | None, compact_modes: bool = False
+    trajectories: np.ndarray,
+    references: np.ndarray,
+    chunk_size: int | None,
+    compact_modes: bool = False,
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mode (argmax |corr| to the references) and least-squares (a, b) of every weight, in chunks."""
+    """Mode (argmax |corr| to the references) and least-squares (a, b) of every weight, in chunks.
+
+    out: float64 (N, 2) for the (a_i, b_i) pairs (a and b are returned as its two columns). It may
+    share memory with `trajectories` when row i of out lies within rows 0..i of the trajectories
+    (rows of at least 16 bytes, out over their start): the chunks go up the rows and each is copied
+    before anything is written, so no value is overwritten before it is read. `OnlineCMD` fits its
+    warm-up snapshots that way, in place.
+    """
     n_params, n_snapshots = trajectories.shape
     ref_centred, ref_mean = _centre(trajectories[references])
     ref_ss = np.einsum("ij,ij->i", ref_centred, ref_centred)
@@ -315,8 +326,10 @@ def _assign_and_fit(
     projector[:, :n_modes] = (ref_centred * ref_inv_norm[:, None]).T
     projector[:, n_modes] = 1.0 / n_snapshots
     modes = np.empty(n_params, dtype=_uint_for(n_modes) if compact_modes else np.int64)
-    a = np.empty(n_params, dtype=np.float64)
-    b = np.empty(n_params, dtype=np.float64)
+    if out is None:
+        a, b = np.empty(n_params, dtype=np.float64), np.empty(n_params, dtype=np.float64)
+    else:
+        a, b = out[:, 0], out[:, 1]
     # OpenBLAS runs products below 2^18 multiply-adds on one thread; above, on a shared machine,
     # waking its threads for a skinny chunk x M product costs ~100x the arithmetic.
     default_rows = max(1, min(_CHUNK_BYTES // (8 * n_snapshots), (1 << 18) // (n_snapshots * (n_modes + 1))))
@@ -421,16 +434,22 @@ def fit_cmd(
     traj = _as_real_array(trajectories, "trajectories")
     if traj.ndim != 2 or traj.shape[0] < 1 or traj.shape[1] < 2:
         raise ValueError(f"trajectories must be N x T with N >= 1 weights and T >= 2 snapshots, got shape {traj.shape}")
-    n_params, n_snapshots = traj.shape
-    sample_index = sample_indices(n_params, n_samples, seed, tensor_sizes)
+    references, sample_index = _references(traj, options, n_samples, seed, tensor_sizes)
+    modes, a, b = _assign_and_fit(traj, references, chunk_size, compact_modes)
+    return CMDModel(modes, references, a, b, sample_index)
+
+
+def _references(
+    traj: np.ndarray, options: ClusteringOptions, n_samples: int, seed: int, tensor_sizes: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    """(the references' weight indices, the sampled weights): sample, check, cluster (`fit_cmd`)."""
+    sample_index = sample_indices(traj.shape[0], n_samples, seed, tensor_sizes)
     samples = np.asarray(traj[sample_index])
     bad_rows = np.flatnonzero(~np.isfinite(samples).all(axis=1))
     if bad_rows.size:
         row = int(bad_rows[0])
         raise _non_finite_error("trajectories", samples[row : row + 1], int(sample_index[row]))
-    references = sample_index[_cluster_samples(samples, options)]
-    modes, a, b = _assign_and_fit(traj, references, chunk_size, compact_modes)
-    return CMDModel(modes, references, a, b, sample_index)
+    return sample_index[_cluster_samples(samples, options)], sample_index
 
 
 # ----------------------------------------------------------------------------------------- online
@@ -445,7 +464,7 @@ def _read_only(array: np.ndarray) -> np.ndarray:
 class OnlineCMD:
     """Online CMD over a stream of flat snapshots theta(0), theta(1), ... (paper 3.3, Eqs. 9-10).
 
-    Warm-up: snapshots 0..F (warmup = F) are kept; at F, `fit_cmd` runs once and the buffer is freed.
+    Warm-up: snapshots 0..F (warmup = F) are kept; at F, `fit_cmd`'s fit runs once, in their place.
     Modes and references are fixed from then on. Per mode the state is n, the mean and the centred
     sum of squares of r (Welford: float64, no cancellation when a reference moves little relative
     to its value). Per weight the state is (a_i, b_i) themselves, in float64: with the mode's 2x2 Gram
@@ -454,6 +473,13 @@ class OnlineCMD:
     Eq. 9). Storing (a, b) rather than the sums lets a frozen (embedded) weight simply keep its
     coefficients: its sums are not needed any more. State after warm-up: 18 bytes per weight
     (a, b float64, the mode as uint8 (uint16 beyond 256 modes), the frozen flag).
+
+    Memory of the fit: the warm-up snapshots are kept weight by weight (row i: w_i(0..F)), in rows of
+    at least 16 bytes (4 float32 snapshots; fewer are padded), and the fit writes each weight's
+    (a_i, b_i) pair, float64, over the start of the rows it has read (`_assign_and_fit`); then the
+    block is shrunk to those pairs. So the fit allocates only the modes (1 byte per weight) and
+    chunks of a few MB beyond what the warm-up held: a server fitting 10^7 weights never holds the
+    snapshots and the coefficients side by side. a and b are the pairs' two columns (stride 16 bytes).
     """
 
     def __init__(
@@ -479,8 +505,10 @@ class OnlineCMD:
         self.options = ClusteringOptions(n_modes, distance_threshold, clustering, linkage, features)
         self._chunk_size = chunk_size
         self.n_observed = 0
-        self._buffer: np.ndarray | None = None
-        self._modes = self._reference_index = self._a = self._b = self._frozen = None
+        # Warm-up: the snapshots' bytes (`_snapshots`); after the fit: the (a, b) pairs, a and b its columns.
+        self._block: np.ndarray | None = None
+        self._snapshot_dtype = np.dtype(np.float32)
+        self._pairs = self._modes = self._reference_index = self._a = self._b = self._frozen = None
         self._ref_mean = self._ref_m2 = None
 
     # ----- public state --------------------------------------------------------------------------
@@ -531,11 +559,10 @@ class OnlineCMD:
     def nbytes(self) -> int:
         """Bytes held by the state (the warm-up buffer included while it exists)."""
         arrays = (
-            self._buffer,
+            self._block,
+            self._pairs,
             self._modes,
             self._reference_index,
-            self._a,
-            self._b,
             self._frozen,
             self._ref_mean,
             self._ref_m2,
@@ -568,36 +595,42 @@ class OnlineCMD:
         if self.ready:
             self._update(theta)
         else:
-            if self._buffer is None:
-                # Snapshots are rows: writing one is a contiguous copy; fit_cmd reads the transpose.
-                dtype = np.result_type(theta.dtype, np.float32)
-                self._buffer = np.empty((self.warmup + 1, self.n_params), dtype=dtype)
-            self._buffer[self.n_observed] = theta
+            if self._block is None:
+                self._allocate_snapshots(np.result_type(theta.dtype, np.float32))
+            self._snapshots()[:, self.n_observed] = theta
             if self.n_observed == self.warmup:
                 self._fit()
         self.n_observed += 1
 
+    def _allocate_snapshots(self, dtype: np.dtype) -> None:
+        self._snapshot_dtype = np.dtype(dtype)
+        row_bytes = max(16, -(-(self.warmup + 1) * self._snapshot_dtype.itemsize // 8) * 8)
+        self._block = np.empty(self.n_params * row_bytes, dtype=np.uint8)
+
+    def _snapshots(self) -> np.ndarray:
+        """The warm-up snapshots, N x (F + 1): a view of the block's rows (see the class docstring)."""
+        rows = self._block.view(self._snapshot_dtype).reshape(self.n_params, -1)
+        return rows[:, : self.warmup + 1]
+
     def _fit(self) -> None:
-        o = self.options
-        model = fit_cmd(
-            self._buffer.T,
-            o.n_modes,
-            self.n_samples,
-            self.seed,
-            self.tensor_sizes,
-            distance_threshold=o.distance_threshold,
-            clustering=o.clustering,
-            linkage=o.linkage,
-            features=o.features,
-            chunk_size=self._chunk_size,
-            compact_modes=True,
-        )
-        ref_centred, self._ref_mean = _centre(self._buffer[:, model.reference_index].T)
+        # fit_cmd's steps, with (a, b) written over the snapshots they are fitted from (class docstring).
+        trajectories = self._snapshots()
+        references, _ = _references(trajectories, self.options, self.n_samples, self.seed, self.tensor_sizes)
+        ref_centred, self._ref_mean = _centre(trajectories[references])  # read before the fit overwrites them
         self._ref_m2 = np.einsum("ij,ij->i", ref_centred, ref_centred)
-        self._modes = model.modes  # already the smallest unsigned type (compact_modes)
-        self._reference_index, self._a, self._b = model.reference_index, model.a, model.b
-        self._buffer = None  # freed before anything more is allocated: the fit's peak is the snapshots and (a, b)
+        n = self.n_params
+        pairs = self._block[: 16 * n].view(np.float64).reshape(n, 2)
+        self._modes = _assign_and_fit(trajectories, references, self._chunk_size, True, out=pairs)[0]
+        del trajectories, pairs  # no view may be left for the block to shrink in place
+        block, self._block = self._block, None
+        if block.size > 16 * n:
+            block.resize(16 * n, refcheck=True)  # realloc: the tail past the pairs goes back, nothing is copied
+        self._set_pairs(block.view(np.float64).reshape(n, 2))
+        self._reference_index = references
         self._frozen = np.zeros(self.n_params, dtype=bool)
+
+    def _set_pairs(self, pairs: np.ndarray) -> None:
+        self._pairs, self._a, self._b = pairs, pairs[:, 0], pairs[:, 1]
 
     def _update(self, theta: np.ndarray, rebuild: bool = False) -> None:
         # Welford step per mode; for weight i with old mean c_i = b_i + a_i mean_r and residual
@@ -680,8 +713,8 @@ class OnlineCMD:
             )
         else:
             buffer = (
-                self._buffer[: self.n_observed].copy()
-                if self._buffer is not None
+                self._snapshots()[:, : self.n_observed].T.copy()
+                if self._block is not None
                 else np.zeros((0, self.n_params), dtype=np.float32)
             )
             state.update(
@@ -729,10 +762,12 @@ class OnlineCMD:
                     f"state[{key!r}] has shape {np.shape(state[key])}, expected {shape} "
                     f"(n_observed={n_observed}, warmup={self.warmup})"
                 )
+        if not fitted and not np.isfinite(buffer).all():  # the fit overwrites it in place: checked first
+            raise ValueError("state['buffer'] holds non-finite snapshots")
         self.n_observed = n_observed
-        self._modes = self._reference_index = self._a = self._b = self._frozen = None
+        self._pairs = self._modes = self._reference_index = self._a = self._b = self._frozen = None
         self._ref_mean = self._ref_m2 = None
-        self._buffer = None
+        self._block = None
         if fitted:
             modes = np.asarray(state["modes"])
             if modes.dtype.kind not in "iu":
@@ -745,14 +780,15 @@ class OnlineCMD:
                 raise ValueError("state['frozen_mask'] freezes a reference weight; references are never embedded")
             self._modes = modes.astype(_uint_for(m))
             self._reference_index = reference_index
-            self._a = np.array(state["a"], dtype=np.float64)
-            self._b = np.array(state["b"], dtype=np.float64)
+            pairs = np.empty((n, 2), dtype=np.float64)
+            pairs[:, 0], pairs[:, 1] = state["a"], state["b"]
+            self._set_pairs(pairs)
             self._frozen = frozen
             self._ref_mean = np.array(state["ref_mean"], dtype=np.float64)
             self._ref_m2 = np.array(state["ref_m2"], dtype=np.float64)
         elif n_observed:
-            self._buffer = np.empty((self.warmup + 1, n), dtype=np.result_type(buffer.dtype, np.float32))
-            self._buffer[:n_observed] = buffer
+            self._allocate_snapshots(np.result_type(buffer.dtype, np.float32))
+            self._snapshots()[:, :n_observed] = buffer.T
 
 
 def _check_index(index: Any, n_params: int, name: str) -> np.ndarray:

@@ -12,9 +12,9 @@ against the numpy expression it replaced.
 ascending int64): the ones a CMD message sends densely, walked in ascending order without an index
 array over them.
 
-Some loops run on numba's threads (`parallel=True`: the online update, the mean, gathering and
-placing the free weights by tensor, taking an event's coefficients), where each value's
-arithmetic is its own, so the split cannot change a bit; numba uses as many threads as
+Some loops run on numba's threads (`parallel=True`: adding a reply, the online update, the mean,
+gathering and placing the free weights by tensor, taking an event's coefficients), where each
+value's arithmetic is its own, so the split cannot change a bit; numba uses as many threads as
 cores, NUMBA_NUM_THREADS sets fewer); the others are serial walks or reductions.
 
 Compiled once per machine and cached on disk (`cache=True`, beside this file or in numba's user
@@ -46,18 +46,47 @@ def _one_at_a_time(kernel):
 
 
 @njit(cache=True, nogil=True)
-def add_rounded(total, values, bounds, factors, limits):  # pragma: no cover (compiled)
-    """total[i] += rint(values[i] * factors[s]) for i in segment s = [bounds[s], bounds[s + 1]),
-    after checking -limits[s] <= values[i] <= limits[s] (False for NaN). Returns -1, or the index
-    of the first value refused; the values before it have been added (the caller takes them out)."""
-    for s in range(bounds.size - 1):
-        factor, limit = factors[s], limits[s]
-        for i in range(bounds[s], bounds[s + 1]):
+def _add_part(total, values, bounds, factors, limits, start, stop, sign):  # pragma: no cover (compiled)
+    """`add_rounded` on values[start:stop] (sign -1: take those terms out); returns -1, or the index of
+    the first value refused (sign 1), the values before it in the part added."""
+    s = np.searchsorted(bounds, start, side="right") - 1
+    while s < bounds.size - 1 and bounds[s] < stop:
+        factor, limit = factors[s] * sign, limits[s]
+        for i in range(max(bounds[s], start), min(bounds[s + 1], stop)):
             x = values[i]
-            if not (-limit <= x and x <= limit):
+            if sign > 0 and not (-limit <= x and x <= limit):
                 return i
             total[i] += np.rint(np.float64(x) * factor)
+        s += 1
     return -1
+
+
+@_one_at_a_time
+@njit(cache=True, nogil=True, parallel=True)
+def add_rounded(total, values, bounds, factors, limits, part):  # pragma: no cover (compiled)
+    """total[i] += rint(values[i] * factors[s]) for i in segment s = [bounds[s], bounds[s + 1]),
+    after checking -limits[s] <= values[i] <= limits[s] (False for NaN). Returns -1, or the index of
+    the first value refused, with total as it was: the values were added in parts of `part` values
+    on numba's threads (each value's term is its own: the split changes no bit), and on a refusal
+    each part takes out the terms it added, exactly (integers in float64; rint rounds half to even,
+    which is symmetric)."""
+    first, n = bounds[0], bounds[-1]
+    n_parts = (n - first + part - 1) // part
+    refused = np.full(n_parts, -1, np.int64)
+    for p in prange(n_parts):
+        start = first + p * part
+        refused[p] = _add_part(total, values, bounds, factors, limits, start, min(start + part, n), 1.0)
+    if n_parts == 0 or refused.max() < 0:
+        return -1
+    for p in prange(n_parts):
+        start = first + p * part
+        stop = min(start + part, n) if refused[p] < 0 else refused[p]
+        _add_part(total, values, bounds, factors, limits, start, stop, -1.0)
+    bad = n
+    for p in range(n_parts):
+        if refused[p] >= 0 and refused[p] < bad:
+            bad = refused[p]
+    return bad
 
 
 @njit(cache=True, nogil=True)

@@ -41,10 +41,12 @@ Protocol (decisions the paper leaves open are marked *):
 - Server state after warm-up (experiments/benchmarks/cmd_server_state.py): about 31 bytes per
   weight: the global model (float32, 4), the online statistics (a, b float64, mode uint8, frozen
   flag: 18; the frozen flags are the one embedded mask), the schedule's float32 baseline (8) and
-  the event numbers (1). A round builds no index over the weights: the ones sent densely are
-  walked in place (`fedcmd.aggregation.Free`, the compiled loops of `fedcmd.kernels`), and the
-  events a message carries are encoded once per client version and dropped once sent. Per-weight
-  passes: adding a reply, placing the means, the online update with the embedded weights rebuilt
+  the event numbers (1). During warm-up: the F + 1 float32 snapshots (at least 16 bytes per
+  weight), which the fit overwrites with the (a, b) pairs (`OnlineCMD`), so that the fit round,
+  like every round, needs an accumulator and one reply beyond the state. A round builds no index
+  over the weights: the ones sent densely are walked in place (`fedcmd.aggregation.Free`, the
+  compiled loops of `fedcmd.kernels`), and the events a message carries are encoded once per
+  client version and dropped once sent. Per-weight passes: adding a reply, placing the means, the online update with the embedded weights rebuilt
   in the same pass, the ranking on event rounds (experiments/benchmarks/server_round.py).
 """
 
@@ -58,7 +60,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from fedcmd import kernels, task
 from fedcmd.accountant import fedavg_floats
-from fedcmd.aggregation import ExactMean, Free, tensor_bounds
+from fedcmd.aggregation import ExactMean, Free, filled, tensor_bounds
 from fedcmd.checkpoint import CheckpointError, array_entry, by_round, entry, load_part
 from fedcmd.cmd import EmbeddingSchedule, OnlineCMD  # noqa: F401
 from fedcmd.protocols.cmd import REPLY_METRICS, EmbeddingEvent, encode_events, mode_dtype
@@ -174,7 +176,7 @@ class CMD(FedcmdStrategy):
         free = self.free
         if isinstance(free, slice):
             return source
-        out = np.empty(self.n_free + 1, dtype=np.float32)  # one spare slot for the compiled walk
+        out = filled(self.n_free + 1, np.float32)  # one spare slot for the compiled walk
         kernels.gather_free(out, source, free.frozen, free.refs, *free.parts())
         return out[: self.n_free]
 
@@ -301,7 +303,10 @@ class CMD(FedcmdStrategy):
         try:
             return super().aggregate_train(server_round, replies)
         finally:
-            self._refresh_layout()  # what this round derived is not held between rounds
+            # The index arrays a round derives (8 bytes per weight) are not held between rounds; the
+            # free positions' counts (a few per tensor) are, until an event changes the mask.
+            for key in ("free_index", "embedded_index"):
+                self._derived.pop(key, None)
 
     def accumulators(self, server_round: int, max_examples: int) -> dict[str, ExactMean]:
         means = {"weights": self.mean_over(self.free, max_examples)}

@@ -274,6 +274,47 @@ def test_online_state_is_compact_and_holds_no_trajectory():
     assert online.nbytes / 20000 == pytest.approx(18.0, abs=0.1)  # a, b float64, mode uint8, frozen flag
 
 
+@pytest.mark.parametrize("warmup", [1, 3, 6])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fit_in_place_of_the_snapshots_is_the_post_hoc_fit(warmup, dtype):
+    # The fit writes (a, b) over the snapshot rows it has read: rows narrower than 16 bytes are padded
+    # (warmup 1), wider ones shrunk after (warmup 6); small chunks overwrite rows other chunks read.
+    w, _, _, _ = plant(2000, 4, warmup + 1, 0.05, seed=12)
+    w = w.astype(dtype)
+    online = OnlineCMD(2000, 4, warmup, n_samples=300, chunk_size=7)
+    stream(online, w, 0, warmup + 1)
+    post_hoc = fit_cmd(w, 4, n_samples=300, chunk_size=7)
+    np.testing.assert_array_equal(online.reference_index, post_hoc.reference_index)
+    np.testing.assert_array_equal(online.modes, post_hoc.modes)
+    np.testing.assert_array_equal(online.a, post_hoc.a)
+    np.testing.assert_array_equal(online.b, post_hoc.b)
+    assert online.nbytes == 2000 * 18 + 3 * online.n_modes * 8  # pairs 16, mode 1, frozen 1; per mode 3 x 8
+
+
+@pytest.mark.parametrize("warmup", [3, 6])
+def test_the_fit_does_not_hold_the_snapshots_and_the_coefficients_side_by_side(warmup):
+    import tracemalloc
+
+    n = 400_000
+    rng = np.random.default_rng(13)
+    online = OnlineCMD(n, 4, warmup, n_samples=200)
+    snapshots = [rng.standard_normal(n, dtype=np.float32) for _ in range(warmup + 1)]
+    tracemalloc.start()  # before the snapshots' block is allocated: its shrink is a realloc of a traced block
+    try:
+        for theta in snapshots[:-1]:
+            online.observe(theta)
+        tracemalloc.reset_peak()
+        before = tracemalloc.get_traced_memory()[0]
+        online.observe(snapshots[-1])  # the fit
+        after, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # The modes (1 byte per weight) and chunks; (a, b) alone would be 16 bytes per weight.
+    assert peak - before <= 2 * n + (4 << 20)
+    assert online.nbytes == 18 * n + 3 * online.n_modes * 8
+    assert after - before <= (18 - 4 * (warmup + 1)) * n + (1 << 20)  # the snapshot block shrunk to the pairs
+
+
 def test_model_weights():
     w, _, _, _ = plant(1000, 3, 8, 0.05, seed=11)
     online = OnlineCMD(1000, 3, 4, n_samples=200)

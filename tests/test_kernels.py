@@ -33,6 +33,28 @@ def test_free_walks_match_an_index(share):
         np.testing.assert_array_equal(out[: free.size], source[free])
 
 
+def test_threaded_add_is_numpys_rounded_add_and_a_refusal_leaves_the_total_as_it_was():
+    rng = np.random.default_rng(5)
+    n = 3_000
+    values = (rng.standard_normal(n) * 3).astype(np.float32)
+    bounds = np.array([0, 5, 1_000, 1_001, n], dtype=np.int64)
+    factors = np.array([2.0**20, 3 * 2.0**18, 2.0**30, 7 * 2.0**16])
+    limits = np.full(4, 100.0)
+    start = np.rint(rng.standard_normal(n) * 2.0**30)
+    expected = start.copy()
+    for s, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        expected[lo:hi] += np.rint(values[lo:hi].astype(np.float64) * factors[s])
+    for part in (1 << 18, 333, 1):  # one part, several (edges inside segments and on them), one each
+        total = start.copy()
+        assert kernels.add_rounded(total, values, bounds, factors, limits, part) == -1
+        np.testing.assert_array_equal(total, expected)
+        bad = values.copy()
+        bad[[2_500, 1_200, 700]] = [np.nan, 1e6, np.inf]  # refused in different parts: the first is 700
+        total = start.copy()
+        assert kernels.add_rounded(total, bad, bounds, factors, limits, part) == 700
+        np.testing.assert_array_equal(total, start)
+
+
 def test_mean_kernels_round_like_numpy():
     rng = np.random.default_rng(3)
     n = 4_000
