@@ -624,7 +624,10 @@ class OnlineCMD:
         del trajectories, pairs  # no view may be left for the block to shrink in place
         block, self._block = self._block, None
         if block.size > 16 * n:
-            block.resize(16 * n, refcheck=True)  # realloc: the tail past the pairs goes back, nothing is copied
+            try:  # realloc: the tail past the pairs goes back, nothing is copied
+                block.resize(16 * n, refcheck=True)
+            except ValueError:  # something else holds the block (a debugger, a test): copy the pairs out
+                block = block[: 16 * n].copy()
         self._set_pairs(block.view(np.float64).reshape(n, 2))
         self._reference_index = references
         self._frozen = np.zeros(self.n_params, dtype=bool)

@@ -289,6 +289,14 @@ def test_fit_in_place_of_the_snapshots_is_the_post_hoc_fit(warmup, dtype):
     np.testing.assert_array_equal(online.a, post_hoc.a)
     np.testing.assert_array_equal(online.b, post_hoc.b)
     assert online.nbytes == 2000 * 18 + 3 * online.n_modes * 8  # pairs 16, mode 1, frozen 1; per mode 3 x 8
+    # A block that cannot shrink in place (another reference holds it) is copied: the same fit.
+    held = OnlineCMD(2000, 4, warmup, n_samples=300, chunk_size=7)
+    stream(held, w, 0, warmup)
+    _other_reference = held._block
+    stream(held, w, warmup, warmup + 1)
+    np.testing.assert_array_equal(held.a, online.a)
+    np.testing.assert_array_equal(held.b, online.b)
+    assert held.nbytes == online.nbytes
 
 
 @pytest.mark.parametrize("warmup", [3, 6])
