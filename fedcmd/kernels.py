@@ -46,15 +46,15 @@ def _one_at_a_time(kernel):
 
 
 @njit(cache=True, nogil=True)
-def _add_part(total, values, bounds, factors, limits, start, stop, sign):  # pragma: no cover (compiled)
-    """`add_rounded` on values[start:stop] (sign -1: take those terms out); returns -1, or the index of
-    the first value refused (sign 1), the values before it in the part added."""
+def _add_part(total, values, bounds, factors, limits, start, stop):  # pragma: no cover (compiled)
+    """`add_rounded` on values[start:stop]; returns -1, or the index of the first value refused, the
+    values before it in the part added. With -factors and infinite limits: takes those terms out."""
     s = np.searchsorted(bounds, start, side="right") - 1
     while s < bounds.size - 1 and bounds[s] < stop:
-        factor, limit = factors[s] * sign, limits[s]
+        factor, limit = factors[s], limits[s]
         for i in range(max(bounds[s], start), min(bounds[s + 1], stop)):
             x = values[i]
-            if sign > 0 and not (-limit <= x and x <= limit):
+            if not (-limit <= x and x <= limit):
                 return i
             total[i] += np.rint(np.float64(x) * factor)
         s += 1
@@ -75,13 +75,14 @@ def add_rounded(total, values, bounds, factors, limits, part):  # pragma: no cov
     refused = np.full(n_parts, -1, np.int64)
     for p in prange(n_parts):
         start = first + p * part
-        refused[p] = _add_part(total, values, bounds, factors, limits, start, min(start + part, n), 1.0)
+        refused[p] = _add_part(total, values, bounds, factors, limits, start, min(start + part, n))
     if n_parts == 0 or refused.max() < 0:
         return -1
+    negated, unlimited = -factors, np.full(limits.size, np.inf, np.float32)
     for p in prange(n_parts):
         start = first + p * part
         stop = min(start + part, n) if refused[p] < 0 else refused[p]
-        _add_part(total, values, bounds, factors, limits, start, stop, -1.0)
+        _add_part(total, values, bounds, negated, unlimited, start, stop)
     bad = n
     for p in range(n_parts):
         if refused[p] >= 0 and refused[p] < bad:
@@ -91,12 +92,8 @@ def add_rounded(total, values, bounds, factors, limits, part):  # pragma: no cov
 
 @njit(cache=True, nogil=True)
 def take_out_rounded(total, values, bounds, factors, stop):  # pragma: no cover (compiled)
-    """Undo `add_rounded` for values[:stop]: total[i] += rint(values[i] * -factors[s]), exactly the
-    negated terms (rint rounds half to even, which is symmetric)."""
-    for s in range(bounds.size - 1):
-        factor = -factors[s]
-        for i in range(bounds[s], min(bounds[s + 1], stop)):
-            total[i] += np.rint(np.float64(values[i]) * factor)
+    """Undo `add_rounded` for values[:stop] (values it took): the negated terms, exactly."""
+    _add_part(total, values, bounds, -factors, np.full(factors.size, np.inf, np.float32), bounds[0], stop)
 
 
 @njit(cache=True, nogil=True)

@@ -46,8 +46,9 @@ Protocol (decisions the paper leaves open are marked *):
   like every round, needs an accumulator and one reply beyond the state. A round builds no index
   over the weights: the ones sent densely are walked in place (`fedcmd.aggregation.Free`, the
   compiled loops of `fedcmd.kernels`), and the events a message carries are encoded once per
-  client version and dropped once sent. Per-weight passes: adding a reply, placing the means, the online update with the embedded weights rebuilt
-  in the same pass, the ranking on event rounds (experiments/benchmarks/server_round.py).
+  client version and dropped once sent. Per-weight passes: adding a reply, placing the means, the
+  online update with the embedded weights rebuilt in the same pass, the ranking on event rounds
+  (experiments/benchmarks/server_round.py).
 """
 
 from __future__ import annotations
